@@ -1,0 +1,266 @@
+"""The `gpusched` command: parse arguments, call one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from app import __version__, control, jobsfile
+from app.models import JobSpec, JobState
+from app.paths import StatePaths, state_paths
+from app.settings import SettingsError, from_sources
+from app.store import Store
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _state_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--state-dir",
+        help="state directory (default: $GPUSCHED_STATE_DIR, else ~/.local/state/gpusched)",
+    )
+    return parent
+
+
+def _add_start(sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser) -> None:  # noqa: E501
+    p = sub.add_parser("start", parents=[parent], help="run the scheduler in the foreground",
+                       description="Run the scheduler until Ctrl-C or SIGTERM; running jobs keep "
+                       "running and are re-adopted by the next start.")  # fmt: skip
+    p.add_argument("--gpus", type=int, help="manage only the first N GPUs (default: all)")
+    p.add_argument("--jobs-file", type=Path, help="jobs file to watch (default: jobs.txt)")
+    p.add_argument("--llm-config", type=Path, help="model requirements (default: llm_config.json)")
+    p.add_argument("--mem-threshold", type=float, help="others' memory fraction that keeps a GPU off limits (0.8)")  # noqa: E501
+    p.add_argument("--load-threshold", type=float, help="load that keeps an unused GPU off limits (0.8)")  # noqa: E501
+    p.add_argument("--monitor-interval", type=float, help="fallback jobs-file re-read period, s (30)")  # noqa: E501
+    p.add_argument("--state-interval", type=float, help="fallback session check period, s (20)")
+    p.add_argument("--max-assign-attempts", type=int, help="launch attempts before failing a job (5)")  # noqa: E501
+    p.add_argument("--assign-retry-wait", type=float, help="base back-off between launch attempts, s (5)")  # noqa: E501
+    p.add_argument("--gpu-backend", choices=["auto", "nvml", "gputil", "fake"], help="GPU probe (auto)")  # noqa: E501
+    p.add_argument("--fake-gpus", type=Path, help="JSON file of simulated GPUs (--gpu-backend fake)")  # noqa: E501
+    p.add_argument("--tmux-socket", help="run jobs on a private tmux server (tmux -L NAME)")
+    p.add_argument("--ramp-up", type=float, help="seconds a new job's memory counts as used (30)")
+    p.add_argument("--starvation-timeout", type=float, help="seconds before GPUs are held for a blocked job (300)")  # noqa: E501
+    p.add_argument("--no-backfill", dest="backfill", action="store_const", const=False,
+                   help="strict order: no job passes a blocked higher-priority job")  # fmt: skip
+    p.add_argument("--no-cuda-rewrite", dest="cuda_rewrite", action="store_const", const=False,
+                   help="leave --cuda alone and set CUDA_VISIBLE_DEVICES instead")  # fmt: skip
+    p.add_argument("--probe-timeout", type=float, help="bound on one GPU probe, s (5)")
+    p.add_argument("--screen", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_start)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _state_parent()
+    parser = argparse.ArgumentParser(
+        prog="gpusched",
+        description="GPU job scheduler: append lines to jobs.txt, jobs run in tmux on free GPUs.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_start(sub, parent)
+
+    p = sub.add_parser("add", parents=[parent], help="append a job line to the jobs file")
+    p.add_argument("script", help="script to run (.py with the env's python, .sh with bash)")
+    p.add_argument("--conda", default="", help="conda env name or prefix path to activate")
+    p.add_argument("--args", default="", help='arguments, e.g. --args "--llm qwen2.5-7b-inst"')
+    p.add_argument("--priority", type=int, default=0, help="lower runs first (default 0)")
+    p.add_argument("--gpus", default="", help='allowed GPUs, e.g. "0-3" or "4,5" (default: any)')
+    p.add_argument("--output-file", type=Path,
+                   help="jobs file to append to (default: the running scheduler's, else ./jobs.txt)")  # fmt: skip
+    p.set_defaults(handler=cmd_add)
+
+    p = sub.add_parser("status", parents=[parent], help="GPUs, jobs and jobs-file errors")
+    p.add_argument("--json", action="store_true", help="one JSON object (docs/status-json.md)")
+    p.set_defaults(handler=cmd_status)
+
+    for name, paused in (("pause", True), ("resume", False)):
+        p = sub.add_parser(name, parents=[parent], help=f"{name} a GPU (no new jobs placed on it)")
+        p.add_argument("gpu", type=int)
+        p.set_defaults(handler=cmd_pause, paused=paused)
+
+    p = sub.add_parser("sessions", parents=[parent], help="live job sessions")
+    p.set_defaults(handler=cmd_sessions)
+    for name, handler, text in (
+        ("attach", cmd_attach, "attach to a job's tmux session"),
+        ("kill", cmd_kill, "kill a job (its whole process tree) or drop a pending one"),
+        ("retry", cmd_retry, "queue a failed, killed, lost or unschedulable job again"),
+        ("logs", cmd_logs, "print a job's log"),
+    ):
+        p = sub.add_parser(name, parents=[parent], help=text)
+        p.add_argument("job", help="job id (or session name for attach)")
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="keep printing new output")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("demo", help="try gpusched on 4 simulated GPUs in a throw-away workspace")
+    p.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
+    p.add_argument("--dir", type=Path, help="workspace directory (default: a new temp dir)")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """`--args "--llm x"` must work as written: glue a dash-leading value to its flag."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        if args[i] == "--args" and i + 1 < len(args):
+            out.append(f"--args={args[i + 1]}")
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (control.ActionError, SettingsError) as exc:
+        print(f"gpusched: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _paths(args: argparse.Namespace) -> StatePaths:
+    return state_paths(args.state_dir)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(_paths(args).ensure().db)
+
+
+def _job_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise control.ActionError(f"{text!r} is not a job id") from None
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from app.gpus import NoGpuBackend
+    from app.service import serve
+
+    if args.screen:
+        raise control.ActionError(
+            "--screen (GNU Screen sessions) is not available yet: jobs run in tmux sessions; "
+            "use `gpusched sessions` and `gpusched attach JOB`"
+        )
+    names = ("gpus", "jobs_file", "llm_config", "state_dir", "mem_threshold", "load_threshold",
+             "monitor_interval", "state_interval", "max_assign_attempts", "assign_retry_wait",
+             "gpu_backend", "fake_gpus", "tmux_socket", "ramp_up", "starvation_timeout",
+             "backfill", "cuda_rewrite", "probe_timeout")  # fmt: skip
+    settings = from_sources(os.environ, {n: getattr(args, n) for n in names})
+    try:
+        return serve(settings)
+    except NoGpuBackend as exc:
+        print(f"gpusched: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    script = Path(args.script).expanduser().absolute()
+    if not script.is_file():
+        raise control.ActionError(f"script {script} not found")
+    try:
+        allowed = jobsfile.parse_gpu_list(args.gpus)
+    except ValueError as exc:
+        raise control.ActionError(f"--gpus: {exc}") from None
+    target = args.output_file
+    if target is None:
+        paths = _paths(args)
+        running = control.scheduler_pid(paths) is not None and paths.db.exists()
+        target = Path(Store(paths.db).meta("jobs_file") or "jobs.txt") if running else None
+        target = target or Path("jobs.txt")
+    spec = JobSpec(args.priority, str(script), args.conda, args.args, allowed)
+    line = jobsfile.format_line(spec)
+    jobsfile.append_line(Path(target), line)
+    print(f"added to {target}: {line}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.status import build_status, format_status
+
+    status = build_status(_store(args), _paths(args))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    print(control.set_paused(_store(args), _paths(args), args.gpu, args.paused))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    print(control.kill_job(_store(args), _paths(args), _job_id(args.job)))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    print(control.retry_job(_store(args), _paths(args), _job_id(args.job)))
+    return 0
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    store = _store(args)
+    running = store.jobs([JobState.RUNNING])
+    if not running:
+        print("no running job sessions")
+    for job in running:
+        runner = control.runner_for(job.runner or control.runner_id_for(None))
+        attach = " ".join(runner.attach_argv(job.session or ""))
+        print(f"{job.session}  job {job.id}  GPU {','.join(map(str, job.gpus))}  ->  {attach}")
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    store = _store(args)
+    text = args.job
+    job = store.job(int(text)) if text.isdigit() else next(
+        (j for j in store.jobs([JobState.RUNNING]) if j.session == text), None
+    )
+    if job is None or job.status != JobState.RUNNING or not job.session:
+        state = f" ({job.status})" if job else ""
+        raise control.ActionError(f"job {text}{state} has no live session; see `gpusched sessions`")
+    argv = control.runner_for(job.runner or control.runner_id_for(None)).attach_argv(job.session)
+    os.execvp(argv[0], argv)
+    return 1  # pragma: no cover - exec does not return
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    store = _store(args)
+    job = control.get_job(store, _job_id(args.job))
+    if not job.log_path or not Path(job.log_path).exists():
+        raise control.ActionError(f"job {job.id} ({job.status}) has no log yet")
+    with Path(job.log_path).open("rb") as log:
+        while True:
+            chunk = log.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            current = store.job(job.id)
+            if not args.follow or current is None or current.status != JobState.RUNNING:
+                return 0
+            time.sleep(0.2)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    return run_demo(workdir=args.dir, keep=args.keep)

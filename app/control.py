@@ -1,0 +1,149 @@
+"""Actions shared by the CLI and the dashboard. All of them go through the state database,
+so they work whether the scheduler runs in this process, in another one, or not at all; a
+running scheduler is woken through the `wakeup` file and acts within a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+from app.models import JobState
+from app.paths import StatePaths
+from app.runners import Runner, TmuxRunner
+from app.store import Job, Store
+
+
+class ActionError(Exception):
+    """An action that cannot be done; the message says why and what to do."""
+
+
+class AlreadyRunning(ActionError):
+    pass
+
+
+def runner_id_for(socket_name: str | None) -> str:
+    return f"tmux:{socket_name or ''}"
+
+
+def runner_for(runner_id: str) -> Runner:
+    kind, _, arg = runner_id.partition(":")
+    if kind == "tmux":
+        return TmuxRunner(arg or None)
+    raise ActionError(f"unknown runner {runner_id!r}")
+
+
+class SchedulerLock:
+    """One scheduler per state directory: an flock held for the scheduler's whole life."""
+
+    def __init__(self, paths: StatePaths) -> None:
+        self.path = paths.lock
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = read_pid(self.path)
+            raise AlreadyRunning(
+                f"another gpusched scheduler (pid {pid}) is already running on state directory "
+                f"{self.path.parent}; stop it first or use another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+def scheduler_pid(paths: StatePaths) -> int | None:
+    """The pid of the scheduler running on this state directory, or None."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_pid(paths.lock) or -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def wake_scheduler(paths: StatePaths) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.wakeup.write_text(f"{time.time()}\n")
+
+
+def known_gpu_count(store: Store) -> int | None:
+    raw = store.meta("gpus")
+    return len(json.loads(raw)) if raw else None
+
+
+def set_paused(store: Store, paths: StatePaths, gpu: int, paused: bool) -> str:
+    count = known_gpu_count(store)
+    if gpu < 0 or (count is not None and gpu >= count):
+        known = f"GPUs 0-{count - 1}" if count else "no GPUs known yet"
+        raise ActionError(f"GPU {gpu} does not exist ({known})")
+    changed = store.set_paused(gpu, paused)
+    wake_scheduler(paths)
+    verb = "paused" if paused else "resumed"
+    return f"GPU {gpu} {verb}" if changed else f"GPU {gpu} was already {verb}"
+
+
+def get_job(store: Store, job_id: int) -> Job:
+    job = store.job(job_id)
+    if job is None:
+        raise ActionError(f"no job {job_id}")
+    return job
+
+
+def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
+    """Pending: removed from the queue. Running: its whole process tree is killed."""
+    job = get_job(store, job_id)
+    now = time.time()
+    if job.status == JobState.PENDING:
+        if store.transition(job_id, JobState.KILLED, when=[JobState.PENDING], now=now,
+                            detail="removed from the queue by the user", ended_at=now):  # fmt: skip
+            wake_scheduler(paths)
+            return f"job {job_id} removed from the queue"
+    elif job.status == JobState.RUNNING:
+        # Recorded first, so the scheduler never mistakes the dying session for a crash.
+        if store.transition(job_id, JobState.KILLED, when=[JobState.RUNNING], now=now,
+                            detail="killed by the user", ended_at=now):  # fmt: skip
+            if job.session:
+                runner_for(job.runner or runner_id_for(None)).kill(job.session)
+            paths.exit_file(job_id).unlink(missing_ok=True)
+            wake_scheduler(paths)
+            return f"job {job_id} killed (session {job.session})"
+    job = get_job(store, job_id)
+    raise ActionError(f"job {job_id} already ended ({job.status})")
+
+
+def retry_job(store: Store, paths: StatePaths, job_id: int) -> str:
+    job = get_job(store, job_id)
+    if not store.retry(job_id, time.time()):
+        raise ActionError(
+            f"job {job_id} is {job.status}; only failed, killed, lost or unschedulable jobs "
+            "can be retried"
+        )
+    wake_scheduler(paths)
+    return f"job {job_id} queued again"

@@ -1,0 +1,331 @@
+"""The scheduler: `Daemon.tick(now)` is one pass; `run()` only sleeps between passes.
+
+One pass: read new jobs-file lines -> record ended jobs -> probe GPUs -> allocate -> launch.
+File events (jobs file, exit records, CLI wake-ups) cut the sleep short, so nothing waits for
+the fallback polling periods.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app import jobsfile, tailer
+from app.allocator import allocate
+from app.gpus import GpuProbe, ProbeError
+from app.launch import build_launch
+from app.models import (
+    GpuSnapshot,
+    JobSpec,
+    JobState,
+    LineError,
+    Placement,
+    QueuedJob,
+    Requirement,
+    RequirementError,
+    RunningJob,
+)
+from app.paths import StatePaths
+from app.reaper import Reaper
+from app.requirements import LlmConfigCache
+from app.runners import LaunchError, Runner
+from app.settings import Settings
+from app.store import Job, Store
+
+log = logging.getLogger("gpusched")
+
+
+@dataclass
+class TickReport:
+    queued: list[int] = field(default_factory=list)
+    started: list[Placement] = field(default_factory=list)
+    ended: list[tuple[int, JobState]] = field(default_factory=list)
+    gpus: list[GpuSnapshot] | None = None
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        paths: StatePaths,
+        probe: GpuProbe,
+        runner: Runner,
+        runner_id: str,
+        base_env: Mapping[str, str] | None = None,
+        runner_for: Callable[[str], Runner] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.paths = paths
+        self.probe = probe
+        self.runner = runner
+        self.runner_id = runner_id  # stored per job, so `kill` finds the right tmux server
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.jobs_file = settings.jobs_file.resolve()
+        self.llm = LlmConfigCache(settings.llm_config.resolve())
+        self.reaper = Reaper(store, paths, runner, runner_for, runner_id)
+        self.wake = threading.Event()
+        self._jobs_dirty = True
+        self._last_ingest = float("-inf")
+        self._last_session_check = float("-inf")
+        self._llm_generation = -1
+        self._gpu_count: int | None = None
+        self._last_gpus_json = ""
+        self._last_probe_error = ""
+
+    # ---- one pass ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> TickReport:
+        report = TickReport()
+        gpus = self._probe(now)
+        report.gpus = gpus
+        if self._jobs_dirty or now - self._last_ingest >= self.settings.monitor_interval:
+            self._jobs_dirty = False
+            self._last_ingest = now
+            report.queued = self.ingest(now)
+        check_sessions = now - self._last_session_check >= self.settings.state_interval
+        if check_sessions:
+            self._last_session_check = now
+        report.ended = self.reaper.reap(now, check_sessions=check_sessions)
+        self._requeue_unschedulable_on_change(gpus)
+        report.started = self._schedule(now, gpus)
+        return report
+
+    def _probe(self, now: float) -> list[GpuSnapshot] | None:
+        try:
+            gpus = self.probe.snapshot()
+        except ProbeError as exc:
+            if str(exc) != self._last_probe_error:
+                self._last_probe_error = str(exc)
+                log.error("GPU probe failed, no new placements: %s", exc)
+                self.store.log_event("error", f"GPU probe failed: {exc}")
+            self.store.set_meta({"probe_error": str(exc)})
+            return None
+        if self._last_probe_error:
+            self._last_probe_error = ""
+            self.store.set_meta({"probe_error": ""})
+            log.info("GPU probe recovered")
+        self._gpu_count = len(gpus)
+        snapshot = json.dumps([g.__dict__ for g in gpus])
+        if snapshot != self._last_gpus_json:
+            self._last_gpus_json = snapshot
+            self.store.set_meta({"gpus": snapshot, "gpus_at": str(now)})
+        return gpus
+
+    # ---- jobs file -> pending jobs ------------------------------------------------------------
+
+    def ingest(self, now: float) -> list[int]:
+        key = str(self.jobs_file)
+        cursor_json = self.store.cursor_json(key)
+        cursor = tailer.FileCursor.from_json(cursor_json) if cursor_json else tailer.FileCursor()
+        result = tailer.read_new(self.jobs_file, cursor, lambda: self.store.seen_lines(key))
+        if not result.lines and result.cursor == cursor and not result.rewritten:
+            return []
+        specs: list[JobSpec] = []
+        errors: list[LineError] = []
+        for number, text in result.lines:
+            parsed = jobsfile.parse_line(
+                text,
+                file=self.jobs_file.name,
+                line=number,
+                base_dir=self.jobs_file.parent,
+                gpu_count=self._gpu_count,
+            )
+            if isinstance(parsed, JobSpec):
+                specs.append(parsed)
+            elif isinstance(parsed, LineError):
+                errors.append(parsed)
+                log.error("%s", parsed)
+        report = self.store.ingest(
+            key,
+            result.cursor.to_json(),
+            result.seen_after if result.rewritten else None,
+            result.appended_hashes,
+            specs,
+            errors,
+            now,
+        )
+        for source, job_id, state in report.duplicates:
+            log.info("%s: duplicate of job %d (%s), skipped", source, job_id, state)
+        for job_id in report.queued:
+            log.info("job %d queued", job_id)
+        for job_id in report.requeued:
+            log.info("job %d queued again", job_id)
+        return report.queued + report.requeued
+
+    # ---- pending jobs -> placements -> sessions ----------------------------------------------
+
+    def _requirement(self, job: Job) -> Requirement:
+        return self.llm.get().requirement(job.args)
+
+    def _requeue_unschedulable_on_change(self, gpus: list[GpuSnapshot] | None) -> None:
+        """A new llm_config or a different GPU set may make unschedulable jobs placeable."""
+        self.llm.get()
+        generation = (self.llm.generation, len(gpus) if gpus is not None else -1)
+        if self.llm.error:
+            log.error("%s (keeping the last good configuration)", self.llm.error)
+        if gpus is None or generation == self._llm_generation:
+            return
+        first = self._llm_generation == -1
+        self._llm_generation = generation  # type: ignore[assignment]
+        if first:
+            return
+        for job in self.store.jobs([JobState.UNSCHEDULABLE]):
+            self.store.transition(
+                job.id, JobState.PENDING, when=[JobState.UNSCHEDULABLE],
+                detail="re-evaluated after a configuration or GPU change", reason="",
+            )  # fmt: skip
+
+    def _schedule(self, now: float, gpus: list[GpuSnapshot] | None) -> list[Placement]:
+        pending = self.store.jobs([JobState.PENDING])
+        if not pending:
+            return []
+        queue: list[QueuedJob] = []
+        jobs_by_id: dict[int, Job] = {}
+        requirement_of: dict[int, Requirement] = {}
+        changes: dict[int, dict[str, object]] = {}
+        for job in pending:
+            try:
+                requirement = self._requirement(job)
+            except RequirementError as exc:
+                self.store.transition(
+                    job.id, JobState.UNSCHEDULABLE, when=[JobState.PENDING],
+                    detail=str(exc), reason=str(exc), ended_at=now,
+                )  # fmt: skip
+                continue
+            if job.requirement != requirement.amount or job.vram_mb != requirement.vram_mb:
+                changes[job.id] = {"requirement": requirement.amount, "vram_mb": requirement.vram_mb}
+            if job.next_attempt_at is not None and job.next_attempt_at > now:
+                continue  # waiting out a launch back-off; its reason says so
+            jobs_by_id[job.id] = job
+            requirement_of[job.id] = requirement
+            queue.append(
+                QueuedJob(
+                    id=job.id,
+                    priority=job.priority,
+                    seq=job.seq,
+                    requirement=requirement,
+                    allowed_gpus=jobsfile.parse_gpu_list(job.allowed_gpus or ""),
+                    waiting_since=job.queued_at,
+                )
+            )
+        result = allocate(
+            queue, gpus, self._running_ledger(), frozenset(self.store.paused()),
+            self.settings.policy(), now, probe_error=self._last_probe_error,
+        )  # fmt: skip
+        for job_id, reason in result.reasons.items():
+            if jobs_by_id[job_id].reason != reason:
+                changes.setdefault(job_id, {})["reason"] = reason
+        self.store.update_pending(changes)
+        for job_id, reason in result.unschedulable.items():
+            self.store.transition(
+                job_id, JobState.UNSCHEDULABLE, when=[JobState.PENDING],
+                detail=reason, reason=reason, ended_at=now,
+            )  # fmt: skip
+            log.warning("job %d unschedulable: %s", job_id, reason)
+        started = []
+        for placement in result.placements:
+            if self._launch(jobs_by_id[placement.job_id], placement, requirement_of, now):
+                started.append(placement)
+        return started
+
+    def _running_ledger(self) -> list[RunningJob]:
+        return [
+            RunningJob(
+                id=job.id,
+                gpus=job.gpus,
+                share=job.share if job.share is not None else 1.0,
+                vram_mb=job.vram_mb,
+                started_at=job.started_at or 0.0,
+            )
+            for job in self.store.jobs([JobState.RUNNING])
+        ]
+
+    def _launch(
+        self, job: Job, placement: Placement, requirement_of: dict[int, Requirement], now: float
+    ) -> bool:
+        req = build_launch(
+            job_id=job.id,
+            script=job.script,
+            conda_env=job.conda_env,
+            args=job.args,
+            gpus=placement.gpus,
+            paths=self.paths,
+            base_env=self.base_env,
+            now=now,
+            rewrite=self.settings.cuda_rewrite,
+        )
+        req.exit_file.unlink(missing_ok=True)  # a retried job reuses its id: drop the old record
+        gpus_text = ",".join(map(str, placement.gpus))
+        # Marked running (launched = 0) BEFORE the session exists: after a crash here the
+        # reaper finds no session and no exit record and puts the job back in the queue.
+        if not self.store.transition(
+            job.id, JobState.RUNNING, when=[JobState.PENDING], now=now,
+            detail=f"on GPU {gpus_text} in session {req.session}",
+            gpus=gpus_text, share=placement.share, session=req.session, runner=self.runner_id,
+            log_path=str(req.log_path), command=req.display_command, started_at=now,
+            launched=0, reason="", requirement=requirement_of[job.id].amount,
+        ):  # fmt: skip
+            return False
+        try:
+            launched = self.runner.launch(req)
+        except LaunchError as exc:
+            self._launch_failed(job, str(exc), now)
+            return False
+        self.store.set_fields(job.id, launched=1, pid=launched.pid)
+        log.info("job %d started on GPU %s: %s (%s)", job.id, gpus_text, req.session,
+                 req.display_command)  # fmt: skip
+        return True
+
+    def _launch_failed(self, job: Job, error: str, now: float) -> None:
+        attempts = job.attempts + 1
+        limit = self.settings.max_assign_attempts
+        if attempts >= limit:
+            detail = f"launch failed {attempts} times, giving up: {error}"
+            self.store.transition(
+                job.id, JobState.FAILED, when=[JobState.RUNNING], detail=detail,
+                reason=detail, ended_at=now, attempts=attempts, launched=0,
+            )  # fmt: skip
+            log.error("job %d: %s", job.id, detail)
+            return
+        wait = self.settings.assign_retry_wait * 2 ** (attempts - 1)
+        detail = f"launch failed (attempt {attempts}/{limit}): {error}; retrying in {wait:g}s"
+        self.store.transition(
+            job.id, JobState.PENDING, when=[JobState.RUNNING], detail=detail, reason=detail,
+            attempts=attempts, next_attempt_at=now + wait, gpus=None, share=None,
+            session=None, started_at=None, launched=0,
+        )  # fmt: skip
+        log.warning("job %d: %s", job.id, detail)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def on_path_event(self, path: str) -> None:
+        """Called from the watcher thread: flag what changed and cut the sleep short."""
+        if path == str(self.jobs_file):
+            self._jobs_dirty = True
+        elif not (path.startswith(str(self.paths.exits)) or path == str(self.paths.wakeup)
+                  or path == str(self.llm.path)):  # fmt: skip
+            return
+        self.wake.set()
+
+    def watched_dirs(self) -> list[Path]:
+        dirs = [self.jobs_file.parent, self.paths.root, self.paths.exits, self.llm.path.parent]
+        return list(dict.fromkeys(dirs))
+
+    def run(self, stop: threading.Event) -> None:
+        self.reaper.reconcile(time.time())
+        with tailer.PathWatcher(self.watched_dirs(), self.on_path_event):
+            while not stop.is_set():
+                self.wake.clear()
+                try:
+                    self.tick(time.time())
+                except Exception:  # one bad pass must not stop the scheduler
+                    log.exception("scheduler pass failed; continuing")
+                self.wake.wait(self.settings.tick_interval)

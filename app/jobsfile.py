@@ -1,0 +1,237 @@
+"""The jobs file format: `priority,script_path,conda_env,arguments,allowed_gpus`, one job per line.
+
+The format is shared with an older tool, so its quirks are kept on purpose:
+
+* Lines are split with Python's `csv` reader (non-strict), so arguments containing commas need
+  CSV quoting (`"--tags a,b"`, a quote inside doubled), while a quote in the middle of an
+  unquoted field is literal and reaches `shlex` as shell quoting (`--name "a b"`).
+* Everything after the fourth comma is the GPU list (`4,5,6,7` needs no quoting); with only four
+  fields the job may run on any GPU.
+* Blank lines and lines whose first non-blank character is `#` are ignored.
+* Surrounding whitespace of a field is stripped unless the field is CSV-quoted, so a quoted
+  field is taken exactly as written.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import shlex
+from pathlib import Path
+
+from app.models import JobSpec, LineError
+
+FIELDS = "priority,script_path,conda_env,arguments,allowed_gpus"
+#: A GPU id above this is a typo, and refusing it keeps `0-99999999` from building a huge tuple.
+MAX_GPU_ID = 4095
+
+
+def parse_gpu_list(text: str) -> tuple[int, ...] | None:
+    """`""` -> None (any GPU); `"0-3,6"` -> (0, 1, 2, 3, 6): sorted, unique.
+
+    Empty items (`"0,1,"`) are skipped: a trailing comma is an easy slip and means nothing.
+    Raises ValueError with a message meant for the user.
+    """
+    gpus: set[int] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "-" in item[1:]:
+            # `item[1:]` so that "-1" is reported as a bad id rather than a bad range.
+            lo_text, _, hi_text = item.partition("-")
+            lo, hi = _gpu_id(lo_text.strip()), _gpu_id(hi_text.strip())
+            if lo is None or hi is None or lo > hi:
+                raise ValueError(f"bad GPU range '{item}' in allowed_gpus")
+            gpus.update(range(lo, hi + 1))
+        else:
+            gpu = _gpu_id(item)
+            if gpu is None:
+                raise ValueError(f"bad GPU id '{item}' in allowed_gpus")
+            gpus.add(gpu)
+    return tuple(sorted(gpus)) if gpus else None
+
+
+def _gpu_id(text: str) -> int | None:
+    # ASCII digits only: int() would also take "+1", "1_0" or other scripts' digits.
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value <= MAX_GPU_ID else None
+
+
+def format_gpu_list(gpus: tuple[int, ...] | None) -> str:
+    """The compact form, e.g. `0-3,6`; None (and the empty tuple) -> `""`, which means any GPU."""
+    if not gpus:
+        return ""
+    ids = sorted(set(gpus))
+    parts: list[str] = []
+    start = prev = ids[0]
+    for gpu in [*ids[1:], None]:
+        if gpu is not None and gpu == prev + 1:
+            prev = gpu
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if gpu is not None:
+            start = prev = gpu
+    return ",".join(parts)
+
+
+def _describe_gpus(count: int) -> str:
+    if count <= 0:
+        return "this machine has no GPUs"
+    if count == 1:
+        return "this machine has GPU 0 only"
+    return f"this machine has GPUs 0-{count - 1}"
+
+
+def _quoted_fields(text: str) -> list[bool]:
+    """For each field of `text`, whether it starts with a quote (= the csv reader unquoted it).
+
+    The csv module does not say which fields were quoted, and only unquoted fields get their
+    surrounding whitespace stripped. This mirrors the non-strict reader's field boundaries.
+    """
+    flags: list[bool] = []
+    state = "start"
+    for char in text:
+        if state == "start":
+            flags.append(char == '"')
+            if char == '"':
+                state = "quoted"
+            elif char != ",":
+                state = "plain"
+        elif state == "plain":
+            if char == ",":
+                state = "start"
+        elif state == "quoted":
+            if char == '"':
+                state = "quote_in_quoted"
+        elif char == '"':  # state == "quote_in_quoted": a doubled quote
+            state = "quoted"
+        elif char == ",":
+            state = "start"
+        else:  # text after a closing quote is kept literally (non-strict csv)
+            state = "plain"
+    if state == "start":  # the empty field after a trailing comma (or of an empty text)
+        flags.append(False)
+    return flags
+
+
+def _split(text: str) -> list[str]:
+    """csv-split one line; raises csv.Error on input the csv module refuses."""
+    row = next(csv.reader([text], strict=False), [])
+    quoted = _quoted_fields(text)
+    if len(quoted) != len(row):
+        # Only on input with stray CR/LF or NUL characters: fall back to stripping everything.
+        quoted = [False] * len(row)
+    return [
+        field if was_quoted else field.strip()
+        for field, was_quoted in zip(row, quoted, strict=True)
+    ]
+
+
+def parse_line(
+    text: str, *, file: str, line: int, base_dir: Path, gpu_count: int | None
+) -> JobSpec | LineError | None:
+    """One jobs-file line -> JobSpec, LineError (a reason for the user) or None (blank/comment).
+
+    Never raises: a bad line must not stop the daemon from reading the rest of the file.
+    """
+    text = text.rstrip("\r\n").removeprefix("\ufeff")  # a BOM from Windows editors on line 1
+    if not text.strip() or text.lstrip().startswith("#"):
+        return None
+
+    def error(reason: str) -> LineError:
+        return LineError(file, line, reason)
+
+    try:
+        fields = _split(text)
+    except csv.Error as exc:
+        return error(f"cannot split the line as CSV ({exc})")
+    if len(fields) < 4:
+        return error(f"expected 5 comma-separated fields ({FIELDS}), got {len(fields)}")
+    priority_text, script_text, conda_env, args = fields[:4]
+
+    try:
+        priority = int(priority_text)
+    except ValueError:
+        return error(f"priority '{priority_text}' is not an integer (use e.g. 0, 5 or -1)")
+
+    if not script_text:
+        return error("empty script path (the second field must name the script to run)")
+    # Absolute and normalised like os.path.abspath, but symlinks are kept: the user's path
+    # (e.g. a "current" link to a checkout) is what the job should run.
+    script_path = Path(os.path.normpath(base_dir.absolute() / Path(script_text).expanduser()))
+    script = str(script_path)
+    if not script_path.is_file():
+        what = "is not a file" if script_path.exists() else "not found"
+        return error(f"script {script} {what}")
+
+    try:
+        shlex.split(args)
+    except ValueError as exc:
+        problem = "unbalanced quotes" if "quotation" in str(exc) else "trailing backslash"
+        return error(f"arguments: {problem} ({exc})")
+
+    try:
+        allowed = parse_gpu_list(",".join(fields[4:]))
+    except ValueError as exc:
+        return error(str(exc))
+    if allowed is not None and gpu_count is not None:
+        unknown = [gpu for gpu in allowed if gpu >= gpu_count]
+        if unknown:
+            return error(f"unknown GPU {unknown[0]} in allowed_gpus ({_describe_gpus(gpu_count)})")
+
+    return JobSpec(
+        priority=priority,
+        script=script,
+        conda_env=conda_env,
+        args=args,
+        allowed_gpus=allowed,
+        source=f"{file}:{line}",
+    )
+
+
+def _csv_field(value: str) -> str:
+    """Quote a field only when the reader would otherwise change it."""
+    if "," in value or value.startswith('"') or value != value.strip():
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def format_line(spec: JobSpec) -> str:
+    """A line (without newline) that parse_line reads back to an equal spec (except `source`).
+
+    The GPU list is written raw after the fourth comma (`0-3,6`), as users write it. Quoting is
+    done here rather than by csv.writer because the reader's rules (strip unquoted fields,
+    a leading quote opens a quoted field) decide when quoting is needed. Raises ValueError
+    for a field with a line break, which a line-based file cannot hold.
+    """
+    fields = [spec.script, spec.conda_env, spec.args]
+    if any("\n" in field or "\r" in field for field in fields):
+        raise ValueError("a jobs-file field cannot contain a line break")
+    parts = [str(spec.priority), *(_csv_field(field) for field in fields)]
+    return ",".join([*parts, format_gpu_list(spec.allowed_gpus)])
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line atomically with respect to other writers that use this function.
+
+    An exclusive flock serialises writers (the CLI and other tools), the newline repair of a
+    file whose last line lacks one happens under that lock, and the data goes out in one
+    os.write on an O_APPEND descriptor so even non-locking readers never see half a line.
+    """
+    if "\n" in line or "\r" in line:
+        raise ValueError("a jobs-file line cannot contain a line break")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        prefix = b"\n" if size > 0 and os.pread(fd, 1, size - 1) != b"\n" else b""
+        data = prefix + line.encode("utf-8") + b"\n"
+        written = os.write(fd, data)
+        while written < len(data):  # a short write on a regular file: disk full or a signal
+            written += os.write(fd, data[written:])
+    finally:
+        os.close(fd)  # also releases the lock

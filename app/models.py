@@ -1,0 +1,175 @@
+"""Plain data shared by every layer: no I/O here.
+
+The flow is jobs file -> JobSpec -> stored Job -> allocator (QueuedJob, GpuView) -> Placement.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import shlex
+from dataclasses import dataclass, field
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    KILLED = "killed"
+    LOST = "lost"
+    UNSCHEDULABLE = "unschedulable"
+
+
+#: States in which an identical line is a duplicate (a failed/killed/lost job may be queued again).
+BLOCKING_DUPLICATE_STATES = frozenset({JobState.PENDING, JobState.RUNNING, JobState.COMPLETED})
+#: States a job never leaves by itself.
+ENDED_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.KILLED, JobState.LOST, JobState.UNSCHEDULABLE}
+)
+
+
+def dedup_key(script: str, conda_env: str, args: str) -> str:
+    """Identity of a job for deduplication: script, conda env and arguments, not the priority.
+
+    Arguments are compared as shell words, so `--a  1` and `--a 1` are the same job.
+    """
+    try:
+        words = shlex.split(args)
+    except ValueError:
+        words = args.split()
+    material = "\0".join([script, conda_env, *words])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job as the user wrote it (a jobs.txt line or `gpusched add`)."""
+
+    priority: int
+    script: str  # absolute path after parsing
+    conda_env: str  # "" = no activation; a name or a path to an env prefix
+    args: str  # as written, shell words
+    allowed_gpus: tuple[int, ...] | None  # None = any GPU
+    source: str = ""  # "FILE:LINE", or "" when not from a file
+
+    @property
+    def key(self) -> str:
+        return dedup_key(self.script, self.conda_env, self.args)
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A malformed line: reported as `file:line: reason`, never fatal."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class RequirementError(ValueError):
+    """A GPU requirement that is neither a fraction of one GPU nor a whole number of GPUs."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a job needs: `amount` in (0, 1] is a share of one GPU, an integer >= 2 is whole GPUs.
+
+    `vram_mb` is the job's declared GPU memory per GPU (None = not declared).
+    """
+
+    amount: float
+    vram_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_amount(self.amount)
+
+    @property
+    def gpu_count(self) -> int:
+        return 1 if self.amount <= 1 else int(self.amount)
+
+    @property
+    def share(self) -> float:
+        """The ledger share taken on each GPU the job is placed on."""
+        return self.amount if self.amount <= 1 else 1.0
+
+    def __str__(self) -> str:
+        if self.amount <= 1:
+            return f"{self.amount:g} GPU"
+        return f"{int(self.amount)} GPUs"
+
+
+def validate_amount(amount: float) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int | float) or not math.isfinite(amount):
+        raise RequirementError(f"GPU requirement {amount!r} is not a number")
+    if amount <= 0:
+        raise RequirementError(f"GPU requirement {amount:g} must be greater than 0")
+    if amount > 1 and amount != int(amount):
+        raise RequirementError(
+            f"GPU requirement {amount:g} must be a fraction of one GPU (0 < r <= 1) "
+            "or a whole number of GPUs (2, 3, ...)"
+        )
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    """One GPU as a probe saw it at one moment. `utilization` is 0.0-1.0."""
+
+    index: int
+    name: str
+    memory_total_mb: int
+    memory_used_mb: int
+    utilization: float
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A pending job as the allocator sees it."""
+
+    id: int
+    priority: int
+    seq: int  # submission order: first come first served within a priority
+    requirement: Requirement
+    allowed_gpus: tuple[int, ...] | None
+    waiting_since: float
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A job of ours holding GPUs: the ledger is the set of these."""
+
+    id: int
+    gpus: tuple[int, ...]
+    share: float  # share held on each of its GPUs (1.0 for multi-GPU jobs)
+    vram_mb: int | None  # declared memory per GPU, None = its share of the GPU's memory
+    started_at: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    mem_threshold: float = 0.8  # others' memory use above this fraction keeps a GPU off limits
+    load_threshold: float = 0.8  # utilisation above this keeps an idle-of-ours GPU off limits
+    ramp_up_s: float = 30.0  # a launched job's memory counts as used for this long
+    starvation_s: float = 300.0  # a blocked head job older than this gets GPUs held for it
+    backfill: bool = True  # let smaller jobs pass a blocked bigger one
+    pack: bool = True  # put fractional jobs on already-shared GPUs first
+
+
+@dataclass(frozen=True)
+class Placement:
+    job_id: int
+    gpus: tuple[int, ...]
+    share: float
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    placements: list[Placement] = field(default_factory=list)
+    #: why each job that was not placed is waiting
+    reasons: dict[int, str] = field(default_factory=dict)
+    #: jobs that can never be placed on this machine, with the reason
+    unschedulable: dict[int, str] = field(default_factory=dict)

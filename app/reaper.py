@@ -1,0 +1,145 @@
+"""Decides what each job the store calls `running` really is now.
+
+Sources, most trusted first: the exit record the in-pane wrapper wrote (atomically, even while
+the scheduler was down); the runner's view of the session (alive, dead with tmux's
+`pane_dead_status`, or gone). On start this is the restore step after a crash:
+- session alive                    -> re-adopted;
+- exit record present              -> completed / failed with the recorded code;
+- session gone, launch not confirmed -> back to pending (it never ran: the crash hit mid-launch);
+- session gone, no record          -> lost, its GPUs freed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.models import JobState
+from app.paths import StatePaths
+from app.runners import Runner, SessionState
+from app.store import Job, Store
+
+log = logging.getLogger("gpusched")
+
+
+@dataclass(frozen=True)
+class ExitRecord:
+    exit_code: int
+    ended_at: float | None
+
+
+def read_exit_record(path: Path) -> ExitRecord | None:
+    try:
+        data = json.loads(path.read_text())
+        return ExitRecord(int(data["exit_code"]), data.get("ended_at"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class Reaper:
+    def __init__(
+        self,
+        store: Store,
+        paths: StatePaths,
+        runner: Runner,
+        runner_for: Callable[[str], Runner] | None = None,
+        runner_id: str = "",
+    ) -> None:
+        self.store = store
+        self.paths = paths
+        self.runner = runner
+        self.runner_id = runner_id
+        self.runner_for = runner_for
+
+    def reconcile(self, now: float) -> list[tuple[int, JobState]]:
+        """The restore step on start: every running job is checked against its session."""
+        ended = self.reap(now, check_sessions=True, startup=True)
+        for job in self.store.jobs([JobState.RUNNING]):
+            log.info("job %d re-adopted (session %s)", job.id, job.session)
+        return ended
+
+    def reap(
+        self, now: float, *, check_sessions: bool, startup: bool = False
+    ) -> list[tuple[int, JobState]]:
+        running = self.store.jobs([JobState.RUNNING])
+        if not running:
+            return []
+        ended: list[tuple[int, JobState]] = []
+        sessions: dict[str, dict[str, SessionState]] = {}
+        for job in running:
+            outcome = self._record_exit(job, now)
+            if outcome is None and check_sessions:
+                state = self._session_state(job, sessions)
+                outcome = self._judge(job, state, now, startup)
+            if outcome is not None:
+                ended.append((job.id, outcome))
+        return ended
+
+    def _session_state(
+        self, job: Job, cache: dict[str, dict[str, SessionState]]
+    ) -> SessionState | None:
+        runner_id = job.runner or self.runner_id
+        if runner_id not in cache:
+            cache[runner_id] = self._runner(runner_id).sessions()
+        return cache[runner_id].get(job.session or "")
+
+    def _runner(self, runner_id: str) -> Runner:
+        if runner_id == self.runner_id or self.runner_for is None:
+            return self.runner
+        return self.runner_for(runner_id)
+
+    def _record_exit(self, job: Job, now: float) -> JobState | None:
+        record = read_exit_record(self.paths.exit_file(job.id))
+        if record is None:
+            return None
+        return self._finish(job, record.exit_code, record.ended_at or now, "")
+
+    def _finish(self, job: Job, code: int, ended_at: float, note: str) -> JobState | None:
+        state = JobState.COMPLETED if code == 0 else JobState.FAILED
+        detail = f"exit {code}{note}"
+        if not self.store.transition(
+            job.id, state, when=[JobState.RUNNING], detail=detail, now=ended_at,
+            exit_code=code, ended_at=ended_at, launched=1,
+        ):  # fmt: skip
+            return None
+        log.info("job %d %s (%s)", job.id, state, detail)
+        if job.session:
+            self._runner(job.runner or self.runner_id).remove(job.session)
+        self.paths.exit_file(job.id).unlink(missing_ok=True)
+        return state
+
+    def _judge(
+        self, job: Job, state: SessionState | None, now: float, startup: bool
+    ) -> JobState | None:
+        # Read the record again: the wrapper may have written it after our first look.
+        record = read_exit_record(self.paths.exit_file(job.id))
+        if record is not None:
+            return self._finish(job, record.exit_code, record.ended_at or now, "")
+        if state is not None and state.alive:
+            if not job.launched:
+                self.store.set_fields(job.id, launched=1, pid=state.pid)
+            return None
+        if state is not None and state.dead_status is not None:
+            return self._finish(
+                job, state.dead_status, now, " (from tmux: the wrapper left no exit record)"
+            )
+        if not job.launched:
+            # The scheduler stopped between marking the job running and creating its session:
+            # it never ran, so it goes back to the queue instead of being lost.
+            self.store.transition(
+                job.id, JobState.PENDING, when=[JobState.RUNNING], now=now,
+                detail="launch interrupted by a scheduler restart; queued again",
+                gpus=None, share=None, session=None, started_at=None, pid=None,
+            )  # fmt: skip
+            return JobState.PENDING
+        detail = f"session {job.session} vanished with no exit record"
+        if self.store.transition(
+            job.id, JobState.LOST, when=[JobState.RUNNING], detail=detail, now=now,
+            ended_at=now, reason=detail,
+        ):  # fmt: skip
+            log.error("job %d lost: %s", job.id, detail)
+            return JobState.LOST
+        return None

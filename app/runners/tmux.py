@@ -1,0 +1,217 @@
+"""Run each job in its own detached tmux session, so users can attach and watch it.
+
+The pane runs `app/wrapper.py`, which starts the job and writes its exit record; tmux is
+only the terminal. Each launch is a single tmux invocation (commands separated by `;`), so
+the log pipe and remain-on-exit are in place before tmux reads the job's first byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import libtmux
+from libtmux import exc as tmux_exc
+from libtmux.common import tmux_cmd
+
+from app import proctree
+from app.launch import LaunchRequest
+from app.runners.base import SESSION_PREFIX, Launched, LaunchError, RunnerError, SessionState
+
+#: Runs in the pane with the scheduler's interpreter (absolute path, so a PATH changed by
+#: conda activation or the user's shell cannot swap it).
+WRAPPER = Path(__file__).resolve().parent.parent / "wrapper.py"
+
+#: Pane option marking the job's own pane: a user who attaches may split the window, and
+#: the job's status must come from the wrapper's pane, not theirs.
+PANE_MARK = "@gpusched_job"
+
+#: tmux's replies when no server is running on the socket: then there are no sessions.
+_NO_SERVER = ("no server running", "error connecting to")
+_NO_SESSION = ("can't find session", "can't find window", "can't find pane")
+
+
+def _fmt_escape(text: str) -> str:
+    """tmux expands `#{...}` formats in `-c` and in pipe-pane's command: keep `#` literal."""
+    return text.replace("#", "##")
+
+
+def _write_spec(req: LaunchRequest) -> None:
+    """Atomically write the wrapper's launch spec; 0600 because it holds the environment."""
+    spec = {
+        "job_id": req.job_id,
+        "argv": req.argv,
+        "env": req.env,
+        "cwd": req.cwd,
+        "exit_file": str(req.exit_file),
+    }
+    # mkstemp creates the file 0600 from the start: the secrets are never world-readable.
+    fd, tmp = tempfile.mkstemp(dir=req.spec_file.parent, prefix=f".{req.spec_file.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).replace(req.spec_file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise
+
+
+def _dead_status(status: str, dead_signal: str) -> int | None:
+    """Exit status of a dead pane, 128+N when killed by signal N, shell style.
+
+    None while the pane runs, and briefly after it died: tmux can notice the closed
+    terminal before it has collected the exit status.
+    """
+    if status.isdigit():
+        return int(status)
+    if dead_signal.isdigit():
+        return 128 + int(dead_signal)
+    return None
+
+
+class TmuxRunner:
+    """Jobs as tmux sessions on the user's default server, or on `tmux -L socket_name`."""
+
+    name = "tmux"
+
+    def __init__(self, socket_name: str | None = None) -> None:
+        self.socket_name = socket_name
+        self.server = libtmux.Server(socket_name=socket_name)
+
+    def _cmd(self, *args: str) -> tmux_cmd:
+        try:
+            return self.server.cmd(*args)
+        except tmux_exc.TmuxCommandNotFound as e:
+            raise LaunchError("tmux is not installed (not found on PATH)") from e
+
+    def has_session(self, session: str) -> bool:
+        # `=NAME` is an exact match: plain NAME would also match a prefix of another name.
+        res = self._cmd("has-session", "-t", f"={session}")
+        return res.returncode == 0
+
+    def launch(self, req: LaunchRequest) -> Launched:
+        name = req.session
+        if self.has_session(name):
+            # Left by an earlier launch that crashed half-way: the daemon decides what to do.
+            raise LaunchError(f"session {name} already exists")
+        for d in (req.spec_file.parent, req.log_path.parent, req.exit_file.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        # A record left by an earlier attempt of this job would read as this run's end.
+        req.exit_file.unlink(missing_ok=True)
+        _write_spec(req)
+        # The job's environment travels in the spec, not through tmux: a server that is
+        # already running (the user's) would give the pane *its* global environment, not
+        # the scheduler's, and new-session -e cannot remove variables. The wrapper applies
+        # the spec's environment exactly, keeping only the pane's own terminal variables.
+        target = f"={name}:"
+        res = self._cmd(
+            "new-session", "-d", "-s", name, "-x", "200", "-y", "50",
+            "-c", _fmt_escape(req.cwd),
+            # Several words: tmux execs them directly, no shell ever parses them.
+            sys.executable, "-I", str(WRAPPER), str(req.spec_file),
+            ";", "set-option", "-w", "-t", target, "remain-on-exit", "on",
+            ";", "set-option", "-p", "-t", target, PANE_MARK, str(req.job_id),
+            ";", "pipe-pane", "-t", target, "-o",
+            _fmt_escape(f"cat >> {shlex.quote(str(req.log_path))}"),
+        )  # fmt: skip
+        if res.returncode != 0:
+            err = " ".join(res.stderr) or f"exit status {res.returncode}"
+            # A later command of the list failed after new-session succeeded: don't leave a
+            # job running without its log, or a retry would hit "already exists".
+            if "duplicate session" not in err and self.has_session(name):
+                self.kill(name, grace_s=1.0)
+            raise LaunchError(f"tmux could not start {name}: {err}")
+        state = self.sessions().get(name)
+        if state is None:
+            raise LaunchError(f"session {name} vanished right after it was created")
+        return Launched(session=name, pid=state.pid)
+
+    def sessions(self) -> dict[str, SessionState]:
+        """The scheduler's sessions (`gpujob_*`) by name; {} when no tmux server runs."""
+        fmt = "\t".join(
+            (
+                "#{session_name}",
+                "#{pane_dead}",
+                "#{pane_pid}",
+                "#{pane_dead_status}",
+                "#{pane_dead_signal}",
+                "#{" + PANE_MARK + "}",
+            )
+        )
+        res = self._cmd("list-panes", "-a", "-F", fmt)
+        if res.returncode != 0:
+            err = " ".join(res.stderr)
+            if any(s in err.lower() for s in _NO_SERVER):
+                return {}
+            raise RunnerError(f"tmux list-panes failed: {err}")
+        found: dict[str, tuple[bool, SessionState]] = {}
+        for line in res.stdout:
+            # rsplit: the session name is the only field a user could have put a tab in.
+            parts = line.rsplit("\t", 5)
+            if len(parts) != 6 or not parts[0].startswith(SESSION_PREFIX):
+                continue
+            name, dead, pid, status, dead_signal, mark = parts
+            state = SessionState(
+                name=name,
+                alive=dead != "1",
+                pid=int(pid) if pid.isdigit() else None,
+                dead_status=_dead_status(status, dead_signal),
+            )
+            # One row per pane: prefer the marked job pane, else the session's first pane.
+            if name not in found or (mark and not found[name][0]):
+                found[name] = (bool(mark), state)
+        return {name: state for name, (_, state) in found.items()}
+
+    def _live_pane_pids(self, session: str) -> list[int]:
+        res = self._cmd("list-panes", "-s", "-t", f"={session}", "-F", "#{pane_dead}\t#{pane_pid}")
+        pids: list[int] = []
+        for line in res.stdout if res.returncode == 0 else []:
+            dead, _, pid = line.partition("\t")
+            # A dead pane's pid may already belong to an unrelated process: never signal it.
+            if dead != "1" and pid.isdigit():
+                pids.append(int(pid))
+        return pids
+
+    def kill(self, session: str, grace_s: float = 5.0) -> None:
+        """Kill the job's whole process tree (blocks up to ~grace_s), then its session."""
+        for pid in self._live_pane_pids(session):
+            proctree.kill_tree(pid, grace_s=grace_s)
+        self.remove(session)
+
+    def remove(self, session: str) -> None:
+        """Remove the session (no error if already gone); kill() first if it may still run."""
+        res = self._cmd("kill-session", "-t", f"={session}")
+        err = " ".join(res.stderr).lower()
+        if res.returncode != 0 and not any(s in err for s in (*_NO_SESSION, *_NO_SERVER)):
+            raise RunnerError(f"tmux kill-session {session} failed: {err}")
+
+    def attach_argv(self, session: str) -> list[str]:
+        """The command a user runs to watch the job."""
+        base = ["tmux"] if self.socket_name is None else ["tmux", "-L", self.socket_name]
+        inside = os.environ.get("TMUX", "")
+        if not inside:
+            return [*base, "attach", "-t", session]
+        # $TMUX is "SOCKET_PATH,PID,INDEX". switch-client only works on the server we are
+        # inside of; for another server, attach nested with TMUX unset (tmux refuses else).
+        inside_socket = Path(inside.split(",", 1)[0]).name
+        if self.socket_name is None or inside_socket == self.socket_name:
+            return [*base, "switch-client", "-t", session]
+        return ["env", "-u", "TMUX", *base, "attach", "-t", session]
+
+    def pane_tail(self, session: str, lines: int = 50) -> list[str]:
+        """The last `lines` non-blank-trailing lines on screen/history; [] if gone."""
+        res = self._cmd("capture-pane", "-p", "-J", "-t", f"={session}:", "-S", f"-{lines}")
+        if res.returncode != 0:
+            return []
+        out = list(res.stdout)
+        while out and not out[-1].strip():
+            out.pop()
+        return out[-lines:]

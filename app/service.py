@@ -1,0 +1,89 @@
+"""Assemble a scheduler from settings and run it until Ctrl-C / SIGTERM (jobs keep running)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from app.control import SchedulerLock, runner_for, runner_id_for
+from app.daemon import Daemon
+from app.gpus import make_probe
+from app.paths import StatePaths, state_paths
+from app.runners import TmuxRunner
+from app.settings import Settings
+from app.store import Store
+
+log = logging.getLogger("gpusched")
+
+
+def setup_logging(paths: StatePaths, stream: bool = True) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    file_handler = logging.FileHandler(paths.scheduler_log)
+    file_handler.setFormatter(fmt)
+    log.addHandler(file_handler)
+    if stream:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        log.addHandler(console)
+
+
+def build_daemon(settings: Settings, paths: StatePaths, store: Store) -> Daemon:
+    probe = make_probe(
+        settings.gpu_backend, settings.fake_gpus, timeout_s=settings.probe_timeout,
+        limit=settings.gpus,
+    )  # fmt: skip
+    runner_id = runner_id_for(settings.tmux_socket)
+    runner = TmuxRunner(settings.tmux_socket)
+    return Daemon(settings, store, paths, probe, runner, runner_id, runner_for=runner_for)
+
+
+def serve(settings: Settings, stop: threading.Event | None = None, console: bool = True) -> int:
+    """`gpusched start`: refuses when another scheduler owns the state directory."""
+    paths = state_paths(settings.state_dir).ensure()
+    lock = SchedulerLock(paths)
+    lock.acquire()
+    setup_logging(paths, stream=console)
+    store = Store(paths.db)
+    stop = stop or threading.Event()
+    try:
+        daemon = build_daemon(settings, paths, store)
+        store.set_meta(
+            {
+                "pid": str(os.getpid()),
+                "started_at": str(time.time()),
+                "jobs_file": str(daemon.jobs_file),
+                "llm_config": str(daemon.llm.path),
+                "backend": settings.gpu_backend,
+                "runner": daemon.runner_id,
+            }
+        )
+        if threading.current_thread() is threading.main_thread():
+            _install_signal_handlers(stop)
+        log.info(
+            "gpusched started (pid %d): jobs file %s, state %s, backend %s, tmux %s",
+            os.getpid(), daemon.jobs_file, paths.root, settings.gpu_backend,
+            f"-L {settings.tmux_socket}" if settings.tmux_socket else "default server",
+        )  # fmt: skip
+        if not daemon.jobs_file.exists():
+            log.info("waiting for %s to appear", daemon.jobs_file)
+        daemon.run(stop)
+        log.info("gpusched stopped; running jobs keep running and will be re-adopted")
+    finally:
+        store.close()
+        lock.release()
+    return 0
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

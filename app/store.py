@@ -1,0 +1,433 @@
+"""The SQLite state database: schema, migrations and one transaction per transition.
+
+Everything the scheduler knows lives here, so a crash or `kill -9` at any moment loses nothing:
+the jobs file cursor is saved in the same transaction as the jobs it produced, and a job is
+marked running (with `launched = 0`) before its session is created.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.models import BLOCKING_DUPLICATE_STATES, JobSpec, JobState, LineError
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(name: str) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        MIGRATIONS.append((name, fn))
+        return fn
+
+    return register
+
+
+@migration("001_initial")
+def _initial(db: sqlite3.Connection) -> None:
+    _run_script(
+        db,
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            script TEXT NOT NULL,
+            conda_env TEXT NOT NULL,
+            args TEXT NOT NULL,
+            allowed_gpus TEXT,
+            source TEXT NOT NULL DEFAULT '',
+            requirement REAL,
+            gpus TEXT,
+            share REAL,
+            vram_mb INTEGER,
+            session TEXT,
+            runner TEXT,
+            log_path TEXT,
+            command TEXT,
+            pid INTEGER,
+            launched INTEGER NOT NULL DEFAULT 0,
+            exit_code INTEGER,
+            reason TEXT NOT NULL DEFAULT '',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            submitted_at REAL NOT NULL,
+            queued_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL
+        );
+        CREATE INDEX jobs_status ON jobs(status, priority, seq);
+        CREATE TABLE job_events (
+            id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, at REAL NOT NULL,
+            status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX job_events_job ON job_events(job_id);
+        CREATE TABLE paused_gpus (gpu INTEGER PRIMARY KEY, at REAL NOT NULL);
+        CREATE TABLE file_cursors (path TEXT PRIMARY KEY, cursor TEXT NOT NULL);
+        CREATE TABLE seen_lines (
+            path TEXT NOT NULL, hash TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (path, hash)
+        ) WITHOUT ROWID;
+        CREATE TABLE line_errors (
+            id INTEGER PRIMARY KEY, file TEXT NOT NULL, line INTEGER NOT NULL,
+            reason TEXT NOT NULL, at REAL NOT NULL
+        );
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL,
+            message TEXT NOT NULL, job_id INTEGER
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    )
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits on its own, and a migration must be one transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    status: JobState
+    priority: int
+    seq: int
+    script: str
+    conda_env: str
+    args: str
+    allowed_gpus: str | None
+    source: str
+    requirement: float | None
+    gpus: tuple[int, ...]
+    share: float | None
+    vram_mb: int | None
+    session: str | None
+    runner: str | None
+    log_path: str | None
+    command: str | None
+    pid: int | None
+    launched: bool
+    exit_code: int | None
+    reason: str
+    attempts: int
+    next_attempt_at: float | None
+    submitted_at: float
+    queued_at: float
+    started_at: float | None
+    ended_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["status"] = JobState(data["status"])
+        gpus = data["gpus"]
+        data["gpus"] = tuple(int(g) for g in gpus.split(",")) if gpus else ()
+        data["launched"] = bool(data["launched"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    queued: list[int]
+    requeued: list[int]
+    duplicates: list[tuple[str, int, JobState]]  # (source, existing job id, its state)
+
+
+class Store:
+    """One connection per process (SQLite in WAL mode allows one writer and many readers)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE so concurrent writers queue instead of failing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+            done = {r[0] for r in db.execute("SELECT name FROM migrations")}
+            for name, fn in MIGRATIONS:
+                if name not in done:
+                    fn(db)
+                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def job(self, job_id: int) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def jobs(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+        sql, params = "SELECT * FROM jobs", []
+        if states is not None:
+            wanted = [s.value for s in states]
+            sql += f" WHERE status IN ({','.join('?' * len(wanted))})"
+            params += wanted
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Job.from_row(r) for r in self.db.execute(sql, params)]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {r[0]: r[1] for r in rows}
+
+    def history(self, job_id: int) -> list[tuple[float, str, str]]:
+        rows = self.db.execute(
+            "SELECT at, status, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def paused(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT gpu FROM paused_gpus")}
+
+    def line_errors(self, limit: int = 200) -> list[LineError]:
+        rows = self.db.execute(
+            "SELECT file, line, reason FROM line_errors ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [LineError(r[0], r[1], r[2]) for r in reversed(rows)]
+
+    def events(self, limit: int = 50) -> list[tuple[float, str, str]]:
+        rows = self.db.execute(
+            "SELECT at, level, message FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def cursor_json(self, path: str) -> str | None:
+        row = self.db.execute("SELECT cursor FROM file_cursors WHERE path = ?", (path,)).fetchone()
+        return row[0] if row else None
+
+    def seen_lines(self, path: str) -> Counter[str]:
+        rows = self.db.execute("SELECT hash, count FROM seen_lines WHERE path = ?", (path,))
+        return Counter({r[0]: r[1] for r in rows})
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self.tx() as db:
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+
+    def log_event(self, level: str, message: str, job_id: int | None = None) -> None:
+        with self.tx() as db:
+            _event(db, level, message, job_id)
+
+    def set_paused(self, gpu: int, paused: bool) -> bool:
+        """Returns whether anything changed."""
+        with self.tx() as db:
+            if paused:
+                cur = db.execute("INSERT OR IGNORE INTO paused_gpus VALUES (?, ?)", (gpu, time.time()))
+            else:
+                cur = db.execute("DELETE FROM paused_gpus WHERE gpu = ?", (gpu,))
+            if cur.rowcount:
+                _event(db, "info", f"GPU {gpu} {'paused' if paused else 'resumed'}")
+            return cur.rowcount > 0
+
+    def ingest(
+        self,
+        path: str,
+        cursor_json: str,
+        seen_replace: Counter[str] | None,
+        seen_add: Sequence[str],
+        specs: Sequence[JobSpec],
+        errors: Sequence[LineError],
+        now: float,
+    ) -> IngestReport:
+        """Queue new lines and move the file cursor in ONE transaction: no line runs twice."""
+        queued: list[int] = []
+        requeued: list[int] = []
+        dups: list[tuple[str, int, JobState]] = []
+        with self.tx() as db:
+            for spec in specs:
+                self._ingest_one(db, spec, now, queued, requeued, dups)
+            for err in errors:
+                db.execute(
+                    "INSERT INTO line_errors (file, line, reason, at) VALUES (?, ?, ?, ?)",
+                    (err.file, err.line, err.reason, now),
+                )
+                _event(db, "error", str(err))
+            db.execute("INSERT OR REPLACE INTO file_cursors VALUES (?, ?)", (path, cursor_json))
+            if seen_replace is not None:
+                db.execute("DELETE FROM seen_lines WHERE path = ?", (path,))
+                db.executemany(
+                    "INSERT INTO seen_lines VALUES (?, ?, ?)",
+                    ((path, h, c) for h, c in seen_replace.items()),
+                )
+            db.executemany(
+                "INSERT INTO seen_lines VALUES (?, ?, 1) "
+                "ON CONFLICT(path, hash) DO UPDATE SET count = count + 1",
+                ((path, h) for h in seen_add),
+            )
+        return IngestReport(queued, requeued, dups)
+
+    def _ingest_one(
+        self,
+        db: sqlite3.Connection,
+        spec: JobSpec,
+        now: float,
+        queued: list[int],
+        requeued: list[int],
+        dups: list[tuple[str, int, JobState]],
+    ) -> None:
+        from app.jobsfile import format_gpu_list  # local: jobsfile imports nothing from here
+
+        allowed = format_gpu_list(spec.allowed_gpus) if spec.allowed_gpus is not None else None
+        row = db.execute("SELECT id, status FROM jobs WHERE key = ?", (spec.key,)).fetchone()
+        if row is not None:
+            state = JobState(row["status"])
+            if state in BLOCKING_DUPLICATE_STATES:
+                dups.append((spec.source, row["id"], state))
+                _event(db, "info", f"{spec.source}: duplicate of job {row['id']} ({state}), skipped")
+                return
+            # An identical line queues a failed (killed, lost, unschedulable) job again.
+            db.execute(
+                "UPDATE jobs SET priority = ?, allowed_gpus = ?, source = ?, seq = ?, "
+                "queued_at = ? WHERE id = ?",
+                (spec.priority, allowed, spec.source, _next_seq(db), now, row["id"]),
+            )
+            _reset_to_pending(db, row["id"], now, f"queued again by {spec.source}")
+            requeued.append(row["id"])
+            return
+        cur = db.execute(
+            "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args, allowed_gpus,"
+            " source, submitted_at, queued_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (spec.key, spec.priority, _next_seq(db), spec.script, spec.conda_env, spec.args,
+             allowed, spec.source, now, now),
+        )  # fmt: skip
+        job_id = int(cur.lastrowid or 0)
+        db.execute(
+            "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, 'pending', ?)",
+            (job_id, now, f"submitted from {spec.source}" if spec.source else "submitted"),
+        )
+        queued.append(job_id)
+
+    def update_pending(self, changes: dict[int, dict[str, object]]) -> None:
+        """Reasons and requirements of pending jobs, written only when they changed."""
+        if not changes:
+            return
+        with self.tx() as db:
+            for job_id, fields in changes.items():
+                cols = ", ".join(f"{k} = ?" for k in fields)
+                db.execute(
+                    f"UPDATE jobs SET {cols} WHERE id = ? AND status = 'pending'",
+                    (*fields.values(), job_id),
+                )
+
+    def transition(
+        self,
+        job_id: int,
+        to: JobState,
+        *,
+        when: Iterable[JobState],
+        detail: str = "",
+        now: float | None = None,
+        **fields: object,
+    ) -> bool:
+        """Move a job to `to` only if it is in one of `when` (so racing writers cannot both win)."""
+        now = time.time() if now is None else now
+        allowed = [s.value for s in when]
+        sets = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
+        with self.tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({','.join('?' * len(allowed))})",
+                (to.value, *fields.values(), job_id, *allowed),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, ?, ?)",
+                (job_id, now, to.value, detail),
+            )
+            if detail and to != JobState.RUNNING:
+                _event(db, "error" if to in (JobState.FAILED, JobState.LOST) else "info",
+                       f"job {job_id} {to}: {detail}", job_id)  # fmt: skip
+        return True
+
+    def set_fields(self, job_id: int, **fields: object) -> None:
+        with self.tx() as db:
+            cols = ", ".join(f"{k} = ?" for k in fields)
+            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def retry(self, job_id: int, now: float) -> bool:
+        """Queue an ended (failed, killed, lost, unschedulable) job again under the same id."""
+        retryable = ("failed", "killed", "lost", "unschedulable")
+        with self.tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] not in retryable:
+                return False
+            db.execute(
+                "UPDATE jobs SET seq = ?, queued_at = ? WHERE id = ?", (_next_seq(db), now, job_id)
+            )
+            _reset_to_pending(db, job_id, now, "retried")
+        return True
+
+    def set_priority(self, job_id: int, priority: int) -> bool:
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET priority = ? WHERE id = ? AND status = 'pending'",
+                (priority, job_id),
+            )
+            return cur.rowcount > 0
+
+
+def _next_seq(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0])
+
+
+def _reset_to_pending(db: sqlite3.Connection, job_id: int, now: float, detail: str) -> None:
+    db.execute(
+        "UPDATE jobs SET status = 'pending', gpus = NULL, share = NULL, session = NULL, "
+        "runner = NULL, log_path = NULL, command = NULL, pid = NULL, launched = 0, "
+        "exit_code = NULL, reason = '', attempts = 0, next_attempt_at = NULL, "
+        "started_at = NULL, ended_at = NULL WHERE id = ?",
+        (job_id,),
+    )
+    db.execute(
+        "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, 'pending', ?)",
+        (job_id, now, detail),
+    )
+    _event(db, "info", f"job {job_id} {detail}", job_id)
+
+
+def _event(db: sqlite3.Connection, level: str, message: str, job_id: int | None = None) -> None:
+    db.execute(
+        "INSERT INTO events (at, level, message, job_id) VALUES (?, ?, ?, ?)",
+        (time.time(), level, message, job_id),
+    )
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
