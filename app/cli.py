@@ -28,28 +28,64 @@ def _state_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def _add_start(sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser) -> None:  # noqa: E501
-    p = sub.add_parser("start", parents=[parent], help="run the scheduler in the foreground",
-                       description="Run the scheduler until Ctrl-C or SIGTERM; running jobs keep "
-                       "running and are re-adopted by the next start.")  # fmt: skip
+def _add_start(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
+) -> None:
+    p = sub.add_parser(
+        "start",
+        parents=[parent],
+        help="run the scheduler in the foreground",
+        description="Run the scheduler until Ctrl-C or SIGTERM; running jobs keep "
+        "running and are re-adopted by the next start.",
+    )
     p.add_argument("--gpus", type=int, help="manage only the first N GPUs (default: all)")
     p.add_argument("--jobs-file", type=Path, help="jobs file to watch (default: jobs.txt)")
     p.add_argument("--llm-config", type=Path, help="model requirements (default: llm_config.json)")
-    p.add_argument("--mem-threshold", type=float, help="others' memory fraction that keeps a GPU off limits (0.8)")  # noqa: E501
-    p.add_argument("--load-threshold", type=float, help="load that keeps an unused GPU off limits (0.8)")  # noqa: E501
-    p.add_argument("--monitor-interval", type=float, help="fallback jobs-file re-read period, s (30)")  # noqa: E501
+    p.add_argument(
+        "--mem-threshold",
+        type=float,
+        help="others' memory fraction that keeps a GPU off limits (0.8)",
+    )
+    p.add_argument(
+        "--load-threshold", type=float, help="load that keeps an unused GPU off limits (0.8)"
+    )
+    p.add_argument(
+        "--monitor-interval", type=float, help="fallback jobs-file re-read period, s (30)"
+    )
     p.add_argument("--state-interval", type=float, help="fallback session check period, s (20)")
-    p.add_argument("--max-assign-attempts", type=int, help="launch attempts before failing a job (5)")  # noqa: E501
-    p.add_argument("--assign-retry-wait", type=float, help="base back-off between launch attempts, s (5)")  # noqa: E501
-    p.add_argument("--gpu-backend", choices=["auto", "nvml", "gputil", "fake"], help="GPU probe (auto)")  # noqa: E501
-    p.add_argument("--fake-gpus", type=Path, help="JSON file of simulated GPUs (--gpu-backend fake)")  # noqa: E501
+    p.add_argument(
+        "--max-assign-attempts", type=int, help="launch attempts before failing a job (5)"
+    )
+    p.add_argument(
+        "--assign-retry-wait", type=float, help="base back-off between launch attempts, s (5)"
+    )
+    p.add_argument(
+        "--gpu-backend", choices=["auto", "nvml", "gputil", "fake"], help="GPU probe (auto)"
+    )
+    p.add_argument(
+        "--fake-gpus", type=Path, help="JSON file of simulated GPUs (--gpu-backend fake)"
+    )
     p.add_argument("--tmux-socket", help="run jobs on a private tmux server (tmux -L NAME)")
     p.add_argument("--ramp-up", type=float, help="seconds a new job's memory counts as used (30)")
-    p.add_argument("--starvation-timeout", type=float, help="seconds before GPUs are held for a blocked job (300)")  # noqa: E501
-    p.add_argument("--no-backfill", dest="backfill", action="store_const", const=False,
-                   help="strict order: no job passes a blocked higher-priority job")  # fmt: skip
-    p.add_argument("--no-cuda-rewrite", dest="cuda_rewrite", action="store_const", const=False,
-                   help="leave --cuda alone and set CUDA_VISIBLE_DEVICES instead")  # fmt: skip
+    p.add_argument(
+        "--starvation-timeout",
+        type=float,
+        help="seconds before GPUs are held for a blocked job (300)",
+    )
+    p.add_argument(
+        "--no-backfill",
+        dest="backfill",
+        action="store_const",
+        const=False,
+        help="strict order: no job passes a blocked higher-priority job",
+    )
+    p.add_argument(
+        "--no-cuda-rewrite",
+        dest="cuda_rewrite",
+        action="store_const",
+        const=False,
+        help="leave --cuda alone and set CUDA_VISIBLE_DEVICES instead",
+    )
     p.add_argument("--probe-timeout", type=float, help="bound on one GPU probe, s (5)")
     p.add_argument("--screen", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_start)
@@ -71,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", default="", help='arguments, e.g. --args "--llm qwen2.5-7b-inst"')
     p.add_argument("--priority", type=int, default=0, help="lower runs first (default 0)")
     p.add_argument("--gpus", default="", help='allowed GPUs, e.g. "0-3" or "4,5" (default: any)')
-    p.add_argument("--output-file", type=Path,
-                   help="jobs file to append to (default: the running scheduler's, else ./jobs.txt)")  # fmt: skip
+    p.add_argument(
+        "--output-file",
+        type=Path,
+        help="jobs file to append to (default: the running scheduler's, else ./jobs.txt)",
+    )
     p.set_defaults(handler=cmd_add)
 
     p = sub.add_parser("status", parents=[parent], help="GPUs, jobs and jobs-file errors")
@@ -160,10 +199,26 @@ def cmd_start(args: argparse.Namespace) -> int:
             "--screen (GNU Screen sessions) is not available yet: jobs run in tmux sessions; "
             "use `gpusched sessions` and `gpusched attach JOB`"
         )
-    names = ("gpus", "jobs_file", "llm_config", "state_dir", "mem_threshold", "load_threshold",
-             "monitor_interval", "state_interval", "max_assign_attempts", "assign_retry_wait",
-             "gpu_backend", "fake_gpus", "tmux_socket", "ramp_up", "starvation_timeout",
-             "backfill", "cuda_rewrite", "probe_timeout")  # fmt: skip
+    names = (
+        "gpus",
+        "jobs_file",
+        "llm_config",
+        "state_dir",
+        "mem_threshold",
+        "load_threshold",
+        "monitor_interval",
+        "state_interval",
+        "max_assign_attempts",
+        "assign_retry_wait",
+        "gpu_backend",
+        "fake_gpus",
+        "tmux_socket",
+        "ramp_up",
+        "starvation_timeout",
+        "backfill",
+        "cuda_rewrite",
+        "probe_timeout",
+    )
     settings = from_sources(os.environ, {n: getattr(args, n) for n in names})
     try:
         return serve(settings)
@@ -231,8 +286,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     store = _store(args)
     text = args.job
-    job = store.job(int(text)) if text.isdigit() else next(
-        (j for j in store.jobs([JobState.RUNNING]) if j.session == text), None
+    job = (
+        store.job(int(text))
+        if text.isdigit()
+        else next((j for j in store.jobs([JobState.RUNNING]) if j.session == text), None)
     )
     if job is None or job.status != JobState.RUNNING or not job.session:
         state = f" ({job.status})" if job else ""

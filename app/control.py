@@ -21,7 +21,7 @@ class ActionError(Exception):
     """An action that cannot be done; the message says why and what to do."""
 
 
-class AlreadyRunning(ActionError):
+class AlreadyRunningError(ActionError):
     pass
 
 
@@ -51,7 +51,7 @@ class SchedulerLock:
         except BlockingIOError:
             os.close(fd)
             pid = read_pid(self.path)
-            raise AlreadyRunning(
+            raise AlreadyRunningError(
                 f"another gpusched scheduler (pid {pid}) is already running on state directory "
                 f"{self.path.parent}; stop it first or use another --state-dir"
             ) from None
@@ -120,22 +120,23 @@ def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
     """Pending: removed from the queue. Running: its whole process tree is killed."""
     job = get_job(store, job_id)
     now = time.time()
-    if job.status == JobState.PENDING:
-        if store.transition(job_id, JobState.KILLED, when=[JobState.PENDING], now=now,
-                            detail="removed from the queue by the user", ended_at=now):  # fmt: skip
-            wake_scheduler(paths)
-            return f"job {job_id} removed from the queue"
-    elif job.status == JobState.RUNNING:
-        # Recorded first, so the scheduler never mistakes the dying session for a crash.
-        if store.transition(job_id, JobState.KILLED, when=[JobState.RUNNING], now=now,
-                            detail="killed by the user", ended_at=now):  # fmt: skip
-            if job.session:
-                runner_for(job.runner or runner_id_for(None)).kill(job.session)
-            paths.exit_file(job_id).unlink(missing_ok=True)
-            wake_scheduler(paths)
-            return f"job {job_id} killed (session {job.session})"
-    job = get_job(store, job_id)
-    raise ActionError(f"job {job_id} already ended ({job.status})")
+    if job.status not in (JobState.PENDING, JobState.RUNNING):
+        raise ActionError(f"job {job_id} already ended ({job.status})")
+    detail = "killed by the user" if job.status == JobState.RUNNING else "removed from the queue"
+    # The end is recorded before the session is killed, so the scheduler never takes the
+    # dying session for a crash; the conditional transition loses cleanly to a job that
+    # ended on its own meanwhile.
+    if not store.transition(
+        job_id, JobState.KILLED, when=[job.status], now=now, detail=detail, ended_at=now
+    ):
+        raise ActionError(f"job {job_id} already ended ({get_job(store, job_id).status})")
+    if job.status == JobState.RUNNING and job.session:
+        runner_for(job.runner or runner_id_for(None)).kill(job.session)
+        paths.exit_file(job_id).unlink(missing_ok=True)
+    wake_scheduler(paths)
+    return (
+        f"job {job_id} killed (session {job.session})" if job.session else f"job {job_id} {detail}"
+    )
 
 
 def retry_job(store: Store, paths: StatePaths, job_id: int) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,10 +76,11 @@ class Daemon:
         self._jobs_dirty = True
         self._last_ingest = float("-inf")
         self._last_session_check = float("-inf")
-        self._llm_generation = -1
+        self._config_generation: tuple[int, int] | None = None
         self._gpu_count: int | None = None
         self._last_gpus_json = ""
         self._last_probe_error = ""
+        self._last_config_error = ""
 
     # ---- one pass ----------------------------------------------------------------------------
 
@@ -102,11 +104,15 @@ class Daemon:
         try:
             gpus = self.probe.snapshot()
         except ProbeError as exc:
-            if str(exc) != self._last_probe_error:
-                self._last_probe_error = str(exc)
-                log.error("GPU probe failed, no new placements: %s", exc)
-                self.store.log_event("error", f"GPU probe failed: {exc}")
-            self.store.set_meta({"probe_error": str(exc)})
+            error = str(exc)
+        else:
+            error = ""
+        if error:
+            if error != self._last_probe_error:  # log a failure once, not every tick
+                self._last_probe_error = error
+                log.error("GPU probe failed, no new placements: %s", error)
+                self.store.log_event("error", f"GPU probe failed: {error}")
+                self.store.set_meta({"probe_error": error})
             return None
         if self._last_probe_error:
             self._last_probe_error = ""
@@ -125,7 +131,13 @@ class Daemon:
         key = str(self.jobs_file)
         cursor_json = self.store.cursor_json(key)
         cursor = tailer.FileCursor.from_json(cursor_json) if cursor_json else tailer.FileCursor()
-        result = tailer.read_new(self.jobs_file, cursor, lambda: self.store.seen_lines(key))
+        previous: list[Counter[str]] = []
+
+        def load_seen() -> Counter[str]:
+            previous.append(self.store.seen_lines(key))
+            return previous[-1]
+
+        result = tailer.read_new(self.jobs_file, cursor, load_seen)
         if not result.lines and result.cursor == cursor and not result.rewritten:
             return []
         specs: list[JobSpec] = []
@@ -146,7 +158,7 @@ class Daemon:
         report = self.store.ingest(
             key,
             result.cursor.to_json(),
-            result.seen_after if result.rewritten else None,
+            self._seen_after_rewrite(result, previous),
             result.appended_hashes,
             specs,
             errors,
@@ -160,6 +172,19 @@ class Daemon:
             log.info("job %d queued again", job_id)
         return report.queued + report.requeued
 
+    @staticmethod
+    def _seen_after_rewrite(
+        result: tailer.TailResult, previous: list[Counter[str]]
+    ) -> Counter[str] | None:
+        """After a rewrite, remember the union of the old and new versions' lines.
+
+        A read can land mid-save (an editor truncates, then writes): forgetting the old
+        version there would bring its lines back as new on the next read.
+        """
+        if not result.rewritten or result.seen_after is None:
+            return None
+        return (previous[0] | result.seen_after) if previous else result.seen_after
+
     # ---- pending jobs -> placements -> sessions ----------------------------------------------
 
     def _requirement(self, job: Job) -> Requirement:
@@ -168,20 +193,24 @@ class Daemon:
     def _requeue_unschedulable_on_change(self, gpus: list[GpuSnapshot] | None) -> None:
         """A new llm_config or a different GPU set may make unschedulable jobs placeable."""
         self.llm.get()
-        generation = (self.llm.generation, len(gpus) if gpus is not None else -1)
-        if self.llm.error:
+        if self.llm.error and self.llm.error != self._last_config_error:
             log.error("%s (keeping the last good configuration)", self.llm.error)
-        if gpus is None or generation == self._llm_generation:
+        self._last_config_error = self.llm.error or ""
+        if gpus is None:
             return
-        first = self._llm_generation == -1
-        self._llm_generation = generation  # type: ignore[assignment]
-        if first:
+        generation = (self.llm.generation, len(gpus))
+        previous, self._config_generation = self._config_generation, generation
+        if previous is None or previous == generation:
             return
         for job in self.store.jobs([JobState.UNSCHEDULABLE]):
             self.store.transition(
-                job.id, JobState.PENDING, when=[JobState.UNSCHEDULABLE],
-                detail="re-evaluated after a configuration or GPU change", reason="",
-            )  # fmt: skip
+                job.id,
+                JobState.PENDING,
+                when=[JobState.UNSCHEDULABLE],
+                detail="re-evaluated after a configuration or GPU change",
+                reason="",
+                ended_at=None,
+            )
 
     def _schedule(self, now: float, gpus: list[GpuSnapshot] | None) -> list[Placement]:
         pending = self.store.jobs([JobState.PENDING])
@@ -196,12 +225,19 @@ class Daemon:
                 requirement = self._requirement(job)
             except RequirementError as exc:
                 self.store.transition(
-                    job.id, JobState.UNSCHEDULABLE, when=[JobState.PENDING],
-                    detail=str(exc), reason=str(exc), ended_at=now,
-                )  # fmt: skip
+                    job.id,
+                    JobState.UNSCHEDULABLE,
+                    when=[JobState.PENDING],
+                    detail=str(exc),
+                    reason=str(exc),
+                    ended_at=now,
+                )
                 continue
             if job.requirement != requirement.amount or job.vram_mb != requirement.vram_mb:
-                changes[job.id] = {"requirement": requirement.amount, "vram_mb": requirement.vram_mb}
+                changes[job.id] = {
+                    "requirement": requirement.amount,
+                    "vram_mb": requirement.vram_mb,
+                }
             if job.next_attempt_at is not None and job.next_attempt_at > now:
                 continue  # waiting out a launch back-off; its reason says so
             jobs_by_id[job.id] = job
@@ -217,18 +253,27 @@ class Daemon:
                 )
             )
         result = allocate(
-            queue, gpus, self._running_ledger(), frozenset(self.store.paused()),
-            self.settings.policy(), now, probe_error=self._last_probe_error,
-        )  # fmt: skip
+            queue,
+            gpus,
+            self._running_ledger(),
+            frozenset(self.store.paused()),
+            self.settings.policy(),
+            now,
+            probe_error=self._last_probe_error,
+        )
         for job_id, reason in result.reasons.items():
             if jobs_by_id[job_id].reason != reason:
                 changes.setdefault(job_id, {})["reason"] = reason
         self.store.update_pending(changes)
         for job_id, reason in result.unschedulable.items():
             self.store.transition(
-                job_id, JobState.UNSCHEDULABLE, when=[JobState.PENDING],
-                detail=reason, reason=reason, ended_at=now,
-            )  # fmt: skip
+                job_id,
+                JobState.UNSCHEDULABLE,
+                when=[JobState.PENDING],
+                detail=reason,
+                reason=reason,
+                ended_at=now,
+            )
             log.warning("job %d unschedulable: %s", job_id, reason)
         started = []
         for placement in result.placements:
@@ -267,12 +312,22 @@ class Daemon:
         # Marked running (launched = 0) BEFORE the session exists: after a crash here the
         # reaper finds no session and no exit record and puts the job back in the queue.
         if not self.store.transition(
-            job.id, JobState.RUNNING, when=[JobState.PENDING], now=now,
+            job.id,
+            JobState.RUNNING,
+            when=[JobState.PENDING],
+            now=now,
             detail=f"on GPU {gpus_text} in session {req.session}",
-            gpus=gpus_text, share=placement.share, session=req.session, runner=self.runner_id,
-            log_path=str(req.log_path), command=req.display_command, started_at=now,
-            launched=0, reason="", requirement=requirement_of[job.id].amount,
-        ):  # fmt: skip
+            gpus=gpus_text,
+            share=placement.share,
+            session=req.session,
+            runner=self.runner_id,
+            log_path=str(req.log_path),
+            command=req.display_command,
+            started_at=now,
+            launched=0,
+            reason="",
+            requirement=requirement_of[job.id].amount,
+        ):
             return False
         try:
             launched = self.runner.launch(req)
@@ -280,8 +335,9 @@ class Daemon:
             self._launch_failed(job, str(exc), now)
             return False
         self.store.set_fields(job.id, launched=1, pid=launched.pid)
-        log.info("job %d started on GPU %s: %s (%s)", job.id, gpus_text, req.session,
-                 req.display_command)  # fmt: skip
+        log.info(
+            "job %d started on GPU %s: %s (%s)", job.id, gpus_text, req.session, req.display_command
+        )
         return True
 
     def _launch_failed(self, job: Job, error: str, now: float) -> None:
@@ -290,18 +346,33 @@ class Daemon:
         if attempts >= limit:
             detail = f"launch failed {attempts} times, giving up: {error}"
             self.store.transition(
-                job.id, JobState.FAILED, when=[JobState.RUNNING], detail=detail,
-                reason=detail, ended_at=now, attempts=attempts, launched=0,
-            )  # fmt: skip
+                job.id,
+                JobState.FAILED,
+                when=[JobState.RUNNING],
+                detail=detail,
+                reason=detail,
+                ended_at=now,
+                attempts=attempts,
+                launched=0,
+            )
             log.error("job %d: %s", job.id, detail)
             return
         wait = self.settings.assign_retry_wait * 2 ** (attempts - 1)
         detail = f"launch failed (attempt {attempts}/{limit}): {error}; retrying in {wait:g}s"
         self.store.transition(
-            job.id, JobState.PENDING, when=[JobState.RUNNING], detail=detail, reason=detail,
-            attempts=attempts, next_attempt_at=now + wait, gpus=None, share=None,
-            session=None, started_at=None, launched=0,
-        )  # fmt: skip
+            job.id,
+            JobState.PENDING,
+            when=[JobState.RUNNING],
+            detail=detail,
+            reason=detail,
+            attempts=attempts,
+            next_attempt_at=now + wait,
+            gpus=None,
+            share=None,
+            session=None,
+            started_at=None,
+            launched=0,
+        )
         log.warning("job %d: %s", job.id, detail)
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -310,8 +381,11 @@ class Daemon:
         """Called from the watcher thread: flag what changed and cut the sleep short."""
         if path == str(self.jobs_file):
             self._jobs_dirty = True
-        elif not (path.startswith(str(self.paths.exits)) or path == str(self.paths.wakeup)
-                  or path == str(self.llm.path)):  # fmt: skip
+        elif not (
+            path.startswith(str(self.paths.exits))
+            or path == str(self.paths.wakeup)
+            or path == str(self.llm.path)
+        ):
             return
         self.wake.set()
 

@@ -7,6 +7,7 @@ wrapper, the SQLite state database. Only the GPUs are simulated (a JSON file).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from app.settings import Settings
 from app.status import build_status, format_status
 from app.store import Store
 
-TRAIN = '''\
+TRAIN = """\
 import os, sys, time
 args = sys.argv[1:]
 cuda = args[args.index("--cuda") + 1] if "--cuda" in args else "?"
@@ -33,7 +34,7 @@ for step in range(1, steps + 1):
     time.sleep(0.5)
     print(f"step {step}/{steps}", flush=True)
 sys.exit(int(args[args.index("--exit") + 1]) if "--exit" in args else 0)
-'''
+"""
 
 LLM_CONFIG = {
     "default_requirement": 1.0,
@@ -70,12 +71,16 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
         print("gpusched demo needs tmux: sudo apt-get install tmux", file=sys.stderr)
         return 2
     root = make_workspace(workdir or Path(tempfile.mkdtemp(prefix="gpusched-demo-")))
-    socket = f"gpusched-demo-{root.name}"
+    socket = f"gpusched-demo-{os.getpid()}"
     settings = Settings(
-        jobs_file=root / "jobs.txt", llm_config=root / "llm_config.json",
-        state_dir=root / "state", gpu_backend="fake", fake_gpus=root / "fake_gpus.json",
-        tmux_socket=socket, ramp_up=2.0,
-    ).validate()  # fmt: skip
+        jobs_file=root / "jobs.txt",
+        llm_config=root / "llm_config.json",
+        state_dir=root / "state",
+        gpu_backend="fake",
+        fake_gpus=root / "fake_gpus.json",
+        tmux_socket=socket,
+        ramp_up=2.0,
+    ).validate()
     print(f"workspace {root}: 4 simulated GPUs, private tmux server `tmux -L {socket}`")
     print(f"appending {JOBS.count(chr(10)) - 1} lines to {settings.jobs_file} ...\n")
     stop = threading.Event()
@@ -88,8 +93,10 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     finally:
         stop.set()
         thread.join(timeout=10)
+    store = Store(paths.db)
     print()
-    print(format_status(build_status(Store(paths.db), paths)))
+    print(format_status(build_status(store, paths)))
+    _show_log(store, 4)
     subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
     if keep:
         print(f"\nkept {root}: try `gpusched status --state-dir {paths.root}`")
@@ -99,6 +106,14 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     return 0
 
 
+def _show_log(store: Store, job_id: int) -> None:
+    job = store.job(job_id)
+    if job and job.log_path and Path(job.log_path).exists():
+        print(f"\nlog of job {job_id} ({job.log_path}), its --cuda 9 rewritten to its GPU:")
+        for line in Path(job.log_path).read_text(errors="replace").splitlines()[:3]:
+            print(f"  | {line}")
+
+
 def _follow(db_path: Path, t0: float, timeout: float = 120.0) -> None:
     """Print every job transition as it happens until all submitted jobs have ended."""
     while not db_path.exists():
@@ -106,16 +121,32 @@ def _follow(db_path: Path, t0: float, timeout: float = 120.0) -> None:
     store = Store(db_path)
     last_event = 0
     printed_errors = 0
+    last_note = 0
+    hinted = False
     while time.time() - t0 < timeout:
         rows = store.db.execute(
             "SELECT e.id, e.job_id, e.status, e.detail, e.at FROM job_events e "
-            "WHERE e.id > ? ORDER BY e.id", (last_event,)
-        ).fetchall()  # fmt: skip
+            "WHERE e.id > ? ORDER BY e.id",
+            (last_event,),
+        ).fetchall()
         for row in rows:
             last_event = row[0]
             job = store.job(row[1])
             args = job.args if job else ""
             print(f"{row[4] - t0:6.1f}s  job {row[1]:<2} {row[2]:<13} {row[3]}  [{args}]")
+            if row[2] == "running" and not hinted and job and job.session:
+                hinted = True
+                print(
+                    f"{'':8}(attach while it runs: tmux -L {job.runner[5:] if job.runner else ''}"
+                    f" attach -t {job.session})"
+                )
+        notes = store.db.execute(
+            "SELECT id, message FROM events WHERE id > ? AND message LIKE '%duplicate%'",
+            (last_note,),
+        ).fetchall()
+        for note in notes:
+            last_note = note[0]
+            print(f"{'':8}{note[1]}")
         errors = store.line_errors()
         for err in errors[printed_errors:]:
             print(f"{'':8}error: {err}")

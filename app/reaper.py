@@ -101,9 +101,15 @@ class Reaper:
         state = JobState.COMPLETED if code == 0 else JobState.FAILED
         detail = f"exit {code}{note}"
         if not self.store.transition(
-            job.id, state, when=[JobState.RUNNING], detail=detail, now=ended_at,
-            exit_code=code, ended_at=ended_at, launched=1,
-        ):  # fmt: skip
+            job.id,
+            state,
+            when=[JobState.RUNNING],
+            detail=detail,
+            now=ended_at,
+            exit_code=code,
+            ended_at=ended_at,
+            launched=1,
+        ):
             return None
         log.info("job %d %s (%s)", job.id, state, detail)
         if job.session:
@@ -130,16 +136,28 @@ class Reaper:
             # The scheduler stopped between marking the job running and creating its session:
             # it never ran, so it goes back to the queue instead of being lost.
             self.store.transition(
-                job.id, JobState.PENDING, when=[JobState.RUNNING], now=now,
+                job.id,
+                JobState.PENDING,
+                when=[JobState.RUNNING],
+                now=now,
                 detail="launch interrupted by a scheduler restart; queued again",
-                gpus=None, share=None, session=None, started_at=None, pid=None,
-            )  # fmt: skip
+                gpus=None,
+                share=None,
+                session=None,
+                started_at=None,
+                pid=None,
+            )
             return JobState.PENDING
         detail = f"session {job.session} vanished with no exit record"
         if self.store.transition(
-            job.id, JobState.LOST, when=[JobState.RUNNING], detail=detail, now=now,
-            ended_at=now, reason=detail,
-        ):  # fmt: skip
+            job.id,
+            JobState.LOST,
+            when=[JobState.RUNNING],
+            detail=detail,
+            now=now,
+            ended_at=now,
+            reason=detail,
+        ):
             log.error("job %d lost: %s", job.id, detail)
             return JobState.LOST
         return None

@@ -36,9 +36,11 @@ def setup_logging(paths: StatePaths, stream: bool = True) -> None:
 
 def build_daemon(settings: Settings, paths: StatePaths, store: Store) -> Daemon:
     probe = make_probe(
-        settings.gpu_backend, settings.fake_gpus, timeout_s=settings.probe_timeout,
+        settings.gpu_backend,
+        settings.fake_gpus,
+        timeout_s=settings.probe_timeout,
         limit=settings.gpus,
-    )  # fmt: skip
+    )
     runner_id = runner_id_for(settings.tmux_socket)
     runner = TmuxRunner(settings.tmux_socket)
     return Daemon(settings, store, paths, probe, runner, runner_id, runner_for=runner_for)
@@ -68,9 +70,12 @@ def serve(settings: Settings, stop: threading.Event | None = None, console: bool
             _install_signal_handlers(stop)
         log.info(
             "gpusched started (pid %d): jobs file %s, state %s, backend %s, tmux %s",
-            os.getpid(), daemon.jobs_file, paths.root, settings.gpu_backend,
+            os.getpid(),
+            daemon.jobs_file,
+            paths.root,
+            settings.gpu_backend,
             f"-L {settings.tmux_socket}" if settings.tmux_socket else "default server",
-        )  # fmt: skip
+        )
         if not daemon.jobs_file.exists():
             log.info("waiting for %s to appear", daemon.jobs_file)
         daemon.run(stop)

@@ -68,8 +68,13 @@ class Settings:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise SettingsError(f"{name} must be in (0, 1], got {value}")
-        for name in ("monitor_interval", "state_interval", "assign_retry_wait", "probe_timeout",
-                     "tick_interval"):  # fmt: skip
+        for name in (
+            "monitor_interval",
+            "state_interval",
+            "assign_retry_wait",
+            "probe_timeout",
+            "tick_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_assign_attempts < 1:
@@ -85,17 +90,26 @@ class Settings:
         return self
 
 
-_BOOL = {"1": True, "true": True, "yes": True, "on": True,
-         "0": False, "false": False, "no": False, "off": False}  # fmt: skip
+_BOOL = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
 def _convert(name: str, raw: str, default: object, source: str) -> object:
-    kind = type(default)
     try:
         if isinstance(default, bool):
             return _BOOL[raw.strip().lower()]
-        if isinstance(default, int | float):
-            return kind(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
         if isinstance(default, Path) or name in ("state_dir", "fake_gpus"):
             return Path(raw)
         if name == "gpus":
@@ -117,4 +131,3 @@ def from_sources(env: Mapping[str, str], flags: Mapping[str, object]) -> Setting
         if flag is not None:
             values[f.name] = flag
     return replace(base, **values).validate()  # type: ignore[arg-type]
-

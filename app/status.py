@@ -118,20 +118,18 @@ def _duration(seconds: float) -> str:
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     sched = status["scheduler"]
-    lines = [
-        f"scheduler: {'running (pid ' + str(sched['pid']) + ')' if sched['running'] else 'not running'}"
-        f"  state: {sched['state_dir']}"
-    ]
+    running = f"running (pid {sched['pid']})" if sched["running"] else "not running"
+    lines = [f"scheduler: {running}  state: {sched['state_dir']}"]
     if sched["probe_error"]:
         lines.append(f"GPU probe failing: {sched['probe_error']}")
     lines.append("GPUs:" if status["gpus"] else "GPUs: none seen yet (start the scheduler)")
     for gpu in status["gpus"]:
         mem = f"{gpu['memory_used_mb']}/{gpu['memory_total_mb']} MB"
         flag = "  PAUSED" if gpu["paused"] else ""
-        jobs = " jobs " + ",".join(f"#{j}" for j in gpu["jobs"]) if gpu["jobs"] else ""
+        on_gpu = " jobs " + ",".join(f"#{j}" for j in gpu["jobs"]) if gpu["jobs"] else ""
         lines.append(
             f"  GPU {gpu['index']} {gpu['name']}: share {gpu['allocated']:g}/1.0, {mem}, "
-            f"load {gpu['utilization'] * 100:.0f}%{flag}{jobs}"
+            f"load {gpu['utilization'] * 100:.0f}%{flag}{on_gpu}"
         )
     order = {JobState.RUNNING: 0, JobState.PENDING: 1}
     jobs = sorted(status["jobs"], key=lambda j: (order.get(JobState(j["status"]), 2), j["id"]))

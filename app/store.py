@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.jobsfile import format_gpu_list
 from app.models import BLOCKING_DUPLICATE_STATES, JobSpec, JobState, LineError
 
 Migration = Callable[[sqlite3.Connection], None]
@@ -249,7 +250,9 @@ class Store:
         """Returns whether anything changed."""
         with self.tx() as db:
             if paused:
-                cur = db.execute("INSERT OR IGNORE INTO paused_gpus VALUES (?, ?)", (gpu, time.time()))
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO paused_gpus VALUES (?, ?)", (gpu, time.time())
+                )
             else:
                 cur = db.execute("DELETE FROM paused_gpus WHERE gpu = ?", (gpu,))
             if cur.rowcount:
@@ -302,15 +305,15 @@ class Store:
         requeued: list[int],
         dups: list[tuple[str, int, JobState]],
     ) -> None:
-        from app.jobsfile import format_gpu_list  # local: jobsfile imports nothing from here
-
         allowed = format_gpu_list(spec.allowed_gpus) if spec.allowed_gpus is not None else None
         row = db.execute("SELECT id, status FROM jobs WHERE key = ?", (spec.key,)).fetchone()
         if row is not None:
             state = JobState(row["status"])
             if state in BLOCKING_DUPLICATE_STATES:
                 dups.append((spec.source, row["id"], state))
-                _event(db, "info", f"{spec.source}: duplicate of job {row['id']} ({state}), skipped")
+                _event(
+                    db, "info", f"{spec.source}: duplicate of job {row['id']} ({state}), skipped"
+                )
                 return
             # An identical line queues a failed (killed, lost, unschedulable) job again.
             db.execute(
@@ -324,9 +327,19 @@ class Store:
         cur = db.execute(
             "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args, allowed_gpus,"
             " source, submitted_at, queued_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (spec.key, spec.priority, _next_seq(db), spec.script, spec.conda_env, spec.args,
-             allowed, spec.source, now, now),
-        )  # fmt: skip
+            (
+                spec.key,
+                spec.priority,
+                _next_seq(db),
+                spec.script,
+                spec.conda_env,
+                spec.args,
+                allowed,
+                spec.source,
+                now,
+                now,
+            ),
+        )
         job_id = int(cur.lastrowid or 0)
         db.execute(
             "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, 'pending', ?)",
@@ -360,9 +373,10 @@ class Store:
         now = time.time() if now is None else now
         allowed = [s.value for s in when]
         sets = ", ".join(["status = ?", *(f"{k} = ?" for k in fields)])
+        marks = ",".join("?" * len(allowed))
         with self.tx() as db:
             cur = db.execute(
-                f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({','.join('?' * len(allowed))})",
+                f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({marks})",
                 (to.value, *fields.values(), job_id, *allowed),
             )
             if cur.rowcount == 0:
@@ -372,8 +386,12 @@ class Store:
                 (job_id, now, to.value, detail),
             )
             if detail and to != JobState.RUNNING:
-                _event(db, "error" if to in (JobState.FAILED, JobState.LOST) else "info",
-                       f"job {job_id} {to}: {detail}", job_id)  # fmt: skip
+                _event(
+                    db,
+                    "error" if to in (JobState.FAILED, JobState.LOST) else "info",
+                    f"job {job_id} {to}: {detail}",
+                    job_id,
+                )
         return True
 
     def set_fields(self, job_id: int, **fields: object) -> None:

@@ -78,8 +78,12 @@ def test_pending_reason_paused_gpu_and_resume(tmp_path: Path, tmux_socket: str) 
 
 def test_malformed_lines_are_reported_and_do_not_stop(tmp_path: Path, tmux_socket: str) -> None:
     ws = make_workspace(tmp_path, tmux_socket, gpus=2)
-    ws.append("x,job.py,,--a,", "0,missing.py,,,", ws.job_line("--llm half", allowed="7"),
-              ws.job_line("--llm half --ok"))  # fmt: skip
+    ws.append(
+        "x,job.py,,--a,",
+        "0,missing.py,,,",
+        ws.job_line("--llm half", allowed="7"),
+        ws.job_line("--llm half --ok"),
+    )
     ws.tick()
     errors = [str(e) for e in ws.store.line_errors()]
     assert errors[0].startswith("jobs.txt:1: priority 'x'")
@@ -137,11 +141,14 @@ def test_busy_gpu_of_other_users_is_avoided(tmp_path: Path, tmux_socket: str) ->
 
 
 def test_launch_failure_backs_off_then_fails(tmp_path: Path, tmux_socket: str) -> None:
-    ws = make_workspace(tmp_path, tmux_socket, gpus=1, max_assign_attempts=2,
-                        assign_retry_wait=10.0)  # fmt: skip
+    ws = make_workspace(
+        tmp_path, tmux_socket, gpus=1, max_assign_attempts=2, assign_retry_wait=10.0
+    )
     # A session with the name the job will get makes tmux refuse the launch: a real failure.
-    subprocess.run(["tmux", "-L", tmux_socket, "new-session", "-d", "-s", "gpujob_1_0_job",
-                    "sleep 60"], check=True)  # fmt: skip
+    subprocess.run(
+        ["tmux", "-L", tmux_socket, "new-session", "-d", "-s", "gpujob_1_0_job", "sleep 60"],
+        check=True,
+    )
     ws.append(ws.job_line("--llm one"))
     now = time.time()
     ws.tick(now)
@@ -157,8 +164,11 @@ def test_launch_failure_backs_off_then_fails(tmp_path: Path, tmux_socket: str) -
 
 def test_restart_readopts_records_and_loses(tmp_path: Path, tmux_socket: str) -> None:
     ws = make_workspace(tmp_path, tmux_socket, gpus=3)
-    ws.append(ws.job_line("--sleep 30"), ws.job_line("--sleep 0.5 --exit 4"),
-              ws.job_line("--sleep 30 --vanish"))  # fmt: skip
+    ws.append(
+        ws.job_line("--sleep 30"),
+        ws.job_line("--sleep 0.5 --exit 4"),
+        ws.job_line("--sleep 30 --vanish"),
+    )
     ws.tick()
     assert set(ws.states().values()) == {JobState.RUNNING}
     # The scheduler is gone; meanwhile job 2 ends, and job 3's wrapper dies without a word
@@ -168,8 +178,7 @@ def test_restart_readopts_records_and_loses(tmp_path: Path, tmux_socket: str) ->
     ws.store.close()
     wait_until(lambda: ws.paths.exit_file(2).exists())
     os.kill(wrapper_pid, signal.SIGKILL)
-    subprocess.run(["tmux", "-L", tmux_socket, "kill-session", "-t", "gpujob_3_2_job"],
-                   check=True)  # fmt: skip
+    subprocess.run(["tmux", "-L", tmux_socket, "kill-session", "-t", "gpujob_3_2_job"], check=True)
     ws2 = make_workspace(tmp_path, tmux_socket, gpus=3)
     ws2.daemon.reaper.reconcile(time.time())
     assert ws2.states() == {1: JobState.RUNNING, 2: JobState.FAILED, 3: JobState.LOST}
@@ -187,8 +196,16 @@ def test_crash_between_marking_and_launching_requeues(tmp_path: Path, tmux_socke
     ws.append(ws.job_line("--sleep 0"))
     ws.daemon.ingest(time.time())
     # What a crash right after the running transition leaves behind: no session, launched=0.
-    ws.store.transition(1, JobState.RUNNING, when=[JobState.PENDING], gpus="0", share=1.0,
-                        session="gpujob_1_0_job", runner=ws.daemon.runner_id, launched=0)  # fmt: skip
+    ws.store.transition(
+        1,
+        JobState.RUNNING,
+        when=[JobState.PENDING],
+        gpus="0",
+        share=1.0,
+        session="gpujob_1_0_job",
+        runner=ws.daemon.runner_id,
+        launched=0,
+    )
     ws2 = make_workspace(tmp_path, tmux_socket, gpus=1)
     ws2.daemon.reaper.reconcile(time.time())
     assert ws2.job(1).status == JobState.PENDING
@@ -206,3 +223,29 @@ def test_restart_does_not_resubmit_lines(tmp_path: Path, tmux_socket: str) -> No
     assert ws2.daemon.ingest(time.time()) == []
     store = Store(ws2.paths.db)
     assert len(store.jobs()) == 2
+
+
+def test_rewrites_submit_only_new_lines_even_read_mid_save(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    ws = make_workspace(tmp_path, tmux_socket, gpus=1)
+    a, b, c, d = (ws.job_line(f"--{x}") for x in "abcd")
+    ws.append(a, b)
+    ws.daemon.ingest(time.time())
+    # An editor saving in place: truncate (the scheduler happens to read now), then write.
+    ws.jobs_file.write_text("")
+    ws.daemon.ingest(time.time())
+    ws.jobs_file.write_text(f"{a}\n{c}\n{b}\n")
+    ws.daemon.ingest(time.time())
+    # An atomic replace (write a temp file, rename it over the jobs file).
+    tmp = tmp_path / "jobs.txt.tmp"
+    tmp.write_text(f"{a}\n{c}\n{b}\n{d}\n")
+    tmp.replace(ws.jobs_file)
+    ws.daemon.ingest(time.time())
+    # Deleted and recreated with the old lines only: nothing new.
+    ws.jobs_file.unlink()
+    ws.daemon.ingest(time.time())
+    ws.jobs_file.write_text(f"{a}\n{b}\n")
+    ws.daemon.ingest(time.time())
+    assert [j.args for j in ws.store.jobs()] == ["--a", "--b", "--c", "--d"]
+    assert [j.source for j in ws.store.jobs()][2:] == ["jobs.txt:2", "jobs.txt:4"]

@@ -30,18 +30,42 @@ class Scheduler:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "app", *args, "--state-dir", str(self.root / "state")],
-            capture_output=True, text=True, cwd=self.root, check=False, timeout=60,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=self.root,
+            check=False,
+            timeout=60,
+        )
 
     def start(self) -> None:
         log = (self.root / "scheduler.out").open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "start", "--jobs-file", "jobs.txt",
-             "--llm-config", "llm_config.json", "--state-dir", "state", "--gpu-backend", "fake",
-             "--fake-gpus", "gpus.json", "--tmux-socket", self.socket, "--ramp-up", "0",
-             "--state-interval", "1"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "app",
+                "start",
+                "--jobs-file",
+                "jobs.txt",
+                "--llm-config",
+                "llm_config.json",
+                "--state-dir",
+                "state",
+                "--gpu-backend",
+                "fake",
+                "--fake-gpus",
+                "gpus.json",
+                "--tmux-socket",
+                self.socket,
+                "--ramp-up",
+                "0",
+                "--state-interval",
+                "1",
+            ],
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: self.status()["scheduler"]["running"], timeout=20)
 
     def status(self) -> dict[str, Any]:
@@ -100,17 +124,23 @@ def test_end_to_end_jobs_run_in_tmux(tmp_path: Path, tmux_socket: str) -> None:
         seen = json.loads((sched.root / "out_a.json").read_text())
         cuda = seen["argv"][seen["argv"].index("--cuda") + 1]
         assert cuda == str(jobs["a"]["gpus"][0])
-        assert sched.status()["errors"] == ["jobs.txt:6: expected 5 comma-separated fields "
-                                            "(priority,script_path,conda_env,arguments,"
-                                            "allowed_gpus), got 2"]  # fmt: skip
+        assert sched.status()["errors"] == [
+            "jobs.txt:6: expected 5 comma-separated fields "
+            "(priority,script_path,conda_env,arguments,"
+            "allowed_gpus), got 2"
+        ]
     finally:
         sched.stop()
     assert sched.proc is not None and sched.proc.returncode == 0
 
 
 def _sessions(socket: str) -> list[str]:
-    result = subprocess.run(["tmux", "-L", socket, "list-sessions", "-F", "#{session_name}"],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["tmux", "-L", socket, "list-sessions", "-F", "#{session_name}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return [s for s in result.stdout.split() if s.startswith("gpujob_")]
 
 

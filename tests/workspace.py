@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,8 +69,6 @@ class Workspace:
         return f"{priority},{self.script},,{args},{allowed}"
 
     def tick(self, now: float | None = None) -> None:
-        import time
-
         self.daemon.tick(time.time() if now is None else now)
 
     def job(self, job_id: int) -> Job:
