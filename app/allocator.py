@@ -27,7 +27,7 @@ _MB_EPS = 1e-6
 _ClassKey = tuple[float, int | None, tuple[int, ...] | None]
 
 
-def allocate(  # noqa: PLR0917 - the positional signature is the shared contract
+def allocate(
     queue: Sequence[QueuedJob],
     gpus: Sequence[GpuSnapshot] | None,
     running: Sequence[RunningJob],

@@ -56,14 +56,12 @@ class Reaper:
 
     def reconcile(self, now: float) -> list[tuple[int, JobState]]:
         """The restore step on start: every running job is checked against its session."""
-        ended = self.reap(now, check_sessions=True, startup=True)
+        ended = self.reap(now, check_sessions=True)
         for job in self.store.jobs([JobState.RUNNING]):
             log.info("job %d re-adopted (session %s)", job.id, job.session)
         return ended
 
-    def reap(
-        self, now: float, *, check_sessions: bool, startup: bool = False
-    ) -> list[tuple[int, JobState]]:
+    def reap(self, now: float, *, check_sessions: bool) -> list[tuple[int, JobState]]:
         running = self.store.jobs([JobState.RUNNING])
         if not running:
             return []
@@ -73,7 +71,7 @@ class Reaper:
             outcome = self._record_exit(job, now)
             if outcome is None and check_sessions:
                 state = self._session_state(job, sessions)
-                outcome = self._judge(job, state, now, startup)
+                outcome = self._judge(job, state, now)
             if outcome is not None:
                 ended.append((job.id, outcome))
         return ended
@@ -114,12 +112,15 @@ class Reaper:
         log.info("job %d %s (%s)", job.id, state, detail)
         if job.session:
             self._runner(job.runner or self.runner_id).remove(job.session)
-        self.paths.exit_file(job.id).unlink(missing_ok=True)
+        self._forget_files(job.id)
         return state
 
-    def _judge(
-        self, job: Job, state: SessionState | None, now: float, startup: bool
-    ) -> JobState | None:
+    def _forget_files(self, job_id: int) -> None:
+        # The launch spec holds the job's whole environment: keep it no longer than needed.
+        self.paths.exit_file(job_id).unlink(missing_ok=True)
+        self.paths.run_spec(job_id).unlink(missing_ok=True)
+
+    def _judge(self, job: Job, state: SessionState | None, now: float) -> JobState | None:
         # Read the record again: the wrapper may have written it after our first look.
         record = read_exit_record(self.paths.exit_file(job.id))
         if record is not None:
@@ -159,5 +160,6 @@ class Reaper:
             reason=detail,
         ):
             log.error("job %d lost: %s", job.id, detail)
+            self._forget_files(job.id)
             return JobState.LOST
         return None

@@ -39,7 +39,8 @@ class Running:
         return data
 
     def job(self, capsys: pytest.CaptureFixture[str], job_id: int) -> dict[str, Any]:
-        return next(j for j in self.status(capsys)["jobs"] if j["id"] == job_id)
+        """The job's status entry, {} while it is not in the database yet."""
+        return next((j for j in self.status(capsys)["jobs"] if j["id"] == job_id), {})
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,75 @@ def test_no_conda_means_no_bash_snippet(paths: StatePaths) -> None:
     req = launch(paths, conda_env="")
     assert req.argv[0] == "python3"
     assert CONDA_SNIPPET not in req.argv
+
+
+# --- the conda snippet itself, run by bash with a fake conda ------------------------------
+
+FAKE_CONDA = """#!/bin/sh
+if [ "$1" = shell.bash ] && [ "$2" = hook ]; then
+  echo 'conda() { [ "$1" = activate ] && [ "$2" != bad ] && export FAKE_CONDA_ENV="$2"; }'
+fi
+"""
+
+
+def _bin(tmp_path: Path, names: list[str]) -> Path:
+    """A PATH directory holding a fake conda and fake interpreters that name themselves."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in names:
+        exe = bindir / name
+        body = FAKE_CONDA if name == "conda" else f'#!/bin/sh\necho "{name} $FAKE_CONDA_ENV $*"\n'
+        exe.write_text(body)
+        exe.chmod(0o755)
+    return bindir
+
+
+def _snippet(
+    env_name: str, command: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/bin/bash", "-c", CONDA_SNIPPET, "gpusched-job", env_name, *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "chosen"),
+    [(["conda", "python", "python3"], "python"), (["conda", "python3"], "python3")],
+)
+def test_snippet_activates_and_picks_python(tmp_path: Path, names: list[str], chosen: str) -> None:
+    env = {"PATH": str(_bin(tmp_path, names))}
+    res = _snippet("myenv", [PYTHON_MARKER, "/p/a.py", "a b", ";x"], env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{chosen} myenv /p/a.py a b ;x\n"
+
+
+def test_snippet_activation_failure_exits_127(tmp_path: Path) -> None:
+    env = {"PATH": str(_bin(tmp_path, ["conda", "python3"]))}
+    res = _snippet("bad", [PYTHON_MARKER, "/p/a.py"], env)
+    assert res.returncode == 127
+    assert "gpusched: cannot activate conda environment 'bad'" in res.stderr
+    assert res.stdout == ""
+
+
+def test_snippet_without_conda_exits_127(tmp_path: Path) -> None:
+    env = {"PATH": str(_bin(tmp_path, ["python3"]))}
+    res = _snippet("myenv", [PYTHON_MARKER, "/p/a.py"], env)
+    assert res.returncode == 127
+    assert res.stderr == (
+        "gpusched: conda not found on PATH; cannot activate environment 'myenv'\n"
+    )
+
+
+def test_snippet_falls_back_to_conda_exe(tmp_path: Path) -> None:
+    bindir = _bin(tmp_path, ["conda", "python3"])
+    hidden = tmp_path / "conda_home"
+    hidden.mkdir()
+    (bindir / "conda").rename(hidden / "conda")
+    env = {"PATH": str(bindir), "CONDA_EXE": str(hidden / "conda")}
+    res = _snippet("myenv", [PYTHON_MARKER, "/p/a.py"], env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "python3 myenv /p/a.py\n"
