@@ -508,8 +508,8 @@ def render(
         "",
         f"Where gpusched's time goes (medians): line → the scheduler pass that launched the job "
         f"begins {wake.median:.1f} ms (watchdog/inotify wake-up); pass begins → session exists "
-        f"{pass_sess.median:.1f} ms (probe, ingest, SQLite, allocation, `has-session` + "
-        f"`new-session` + `list-panes`, poll resolution); session exists → first instruction "
+        f"{pass_sess.median:.1f} ms (probe, ingest, SQLite, allocation, one "
+        f"`tmux new-session` call, poll resolution); session exists → first instruction "
         f"{s2f.median:.1f} ms (wrapper start-up + job start-up; floor: {fs2f.median:.1f} ms, job "
         "start-up only).",
         "",
@@ -539,17 +539,17 @@ def render(
         "twice in a row (the in-pane wrapper `app/wrapper.py`, then the job), the floor once: "
         f"one extra start-up against {g.median - fg.median:.1f} ms of idle-gap overhead and "
         f"{s2f.median - fs2f.median:.1f} ms more from session to first instruction.",
-        f"- The wrapper's own start-up (`python -I` plus its stdlib imports, spawn to exit) takes "
-        f"{stats_ms(ctx.wrapper_start).median:.1f} ms here, "
-        f"{stats_ms(ctx.wrapper_start_nosite).median:.1f} ms with `-S`, which skips `site` "
-        "(site-packages and its `.pth` start-up hooks, such as an editable install's finder) "
-        "that the stdlib-only wrapper does not need.",
+        f"- The wrapper's own start-up (spawn to exit) takes "
+        f"{stats_ms(ctx.wrapper_start).median:.1f} ms with `python -I`, "
+        f"{stats_ms(ctx.wrapper_start_nosite).median:.1f} ms with `-I -S`, which skips `site` "
+        "(site-packages and its `.pth` start-up hooks, such as an editable install's finder); "
+        "the stdlib-only wrapper is started with `-I -S`.",
         "- tmux: every `tmux` call forks a client that connects to the server (a few ms each, "
-        "see the poll cost above). A launch makes three, through libtmux: `has-session` and "
-        "`new-session` (with its chained `set-option`s and `pipe-pane`) before the session "
-        "exists, then `list-panes -a` for the pane's pid; in the idle gap the reaper's "
-        "`kill-session` of the finished job comes first. Profiling a scheduler pass in-process "
-        "(cProfile around `Daemon.tick`) puts most of its time in these tmux calls; SQLite, "
+        "see the poll cost above). A launch is one: `new-session -P` (with its chained "
+        "`set-option`s and `pipe-pane`) creates the session and returns the pane's pid; in "
+        "the idle gap the reaper's `kill-session` of the finished job comes first. "
+        "Profiling a scheduler pass in-process (cProfile around `Daemon.tick`) puts most of "
+        "its time in these tmux calls; SQLite, "
         "allocation and the fsync'd launch spec take a few ms.",
         "- Wake-up: the jobs file and `<state>/exits/` are watched (watchdog/inotify), so the "
         "scheduler never waits for its fallback periods; the wake-up itself is a few ms.",
