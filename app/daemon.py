@@ -359,19 +359,8 @@ class Daemon:
             return
         wait = self.settings.assign_retry_wait * 2 ** (attempts - 1)
         detail = f"launch failed (attempt {attempts}/{limit}): {error}; retrying in {wait:g}s"
-        self.store.transition(
-            job.id,
-            JobState.PENDING,
-            when=[JobState.RUNNING],
-            detail=detail,
-            reason=detail,
-            attempts=attempts,
-            next_attempt_at=now + wait,
-            gpus=None,
-            share=None,
-            session=None,
-            started_at=None,
-            launched=0,
+        self.store.unplace(
+            job.id, detail, now, reason=detail, attempts=attempts, next_attempt_at=now + wait
         )
         log.warning("job %d: %s", job.id, detail)
 

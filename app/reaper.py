@@ -136,17 +136,8 @@ class Reaper:
         if not job.launched:
             # The scheduler stopped between marking the job running and creating its session:
             # it never ran, so it goes back to the queue instead of being lost.
-            self.store.transition(
-                job.id,
-                JobState.PENDING,
-                when=[JobState.RUNNING],
-                now=now,
-                detail="launch interrupted by a scheduler restart; queued again",
-                gpus=None,
-                share=None,
-                session=None,
-                started_at=None,
-                pid=None,
+            self.store.unplace(
+                job.id, "launch interrupted by a scheduler restart; queued again", now
             )
             return JobState.PENDING
         detail = f"session {job.session} vanished with no exit record"

@@ -11,91 +11,14 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.jobsfile import format_gpu_list
 from app.models import BLOCKING_DUPLICATE_STATES, JobSpec, JobState, LineError
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[tuple[str, Migration]] = []
-
-
-def migration(name: str) -> Callable[[Migration], Migration]:
-    def register(fn: Migration) -> Migration:
-        MIGRATIONS.append((name, fn))
-        return fn
-
-    return register
-
-
-@migration("001_initial")
-def _initial(db: sqlite3.Connection) -> None:
-    _run_script(
-        db,
-        """
-        CREATE TABLE jobs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            key TEXT NOT NULL UNIQUE,
-            status TEXT NOT NULL,
-            priority INTEGER NOT NULL,
-            seq INTEGER NOT NULL,
-            script TEXT NOT NULL,
-            conda_env TEXT NOT NULL,
-            args TEXT NOT NULL,
-            allowed_gpus TEXT,
-            source TEXT NOT NULL DEFAULT '',
-            requirement REAL,
-            gpus TEXT,
-            share REAL,
-            vram_mb INTEGER,
-            session TEXT,
-            runner TEXT,
-            log_path TEXT,
-            command TEXT,
-            pid INTEGER,
-            launched INTEGER NOT NULL DEFAULT 0,
-            exit_code INTEGER,
-            reason TEXT NOT NULL DEFAULT '',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt_at REAL,
-            submitted_at REAL NOT NULL,
-            queued_at REAL NOT NULL,
-            started_at REAL,
-            ended_at REAL
-        );
-        CREATE INDEX jobs_status ON jobs(status, priority, seq);
-        CREATE TABLE job_events (
-            id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, at REAL NOT NULL,
-            status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT ''
-        );
-        CREATE INDEX job_events_job ON job_events(job_id);
-        CREATE TABLE paused_gpus (gpu INTEGER PRIMARY KEY, at REAL NOT NULL);
-        CREATE TABLE file_cursors (path TEXT PRIMARY KEY, cursor TEXT NOT NULL);
-        CREATE TABLE seen_lines (
-            path TEXT NOT NULL, hash TEXT NOT NULL, count INTEGER NOT NULL,
-            PRIMARY KEY (path, hash)
-        ) WITHOUT ROWID;
-        CREATE TABLE line_errors (
-            id INTEGER PRIMARY KEY, file TEXT NOT NULL, line INTEGER NOT NULL,
-            reason TEXT NOT NULL, at REAL NOT NULL
-        );
-        CREATE TABLE events (
-            id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL,
-            message TEXT NOT NULL, job_id INTEGER
-        );
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        """,
-    )
-
-
-def _run_script(db: sqlite3.Connection, script: str) -> None:
-    # Not executescript(): it commits on its own, and a migration must be one transaction.
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
+from app.schema import migrate
 
 
 @dataclass(frozen=True)
@@ -175,12 +98,7 @@ class Store:
 
     def _migrate(self) -> None:
         with self.tx() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
-            done = {r[0] for r in db.execute("SELECT name FROM migrations")}
-            for name, fn in MIGRATIONS:
-                if name not in done:
-                    fn(db)
-                    db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            migrate(db)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -393,6 +311,14 @@ class Store:
                     job_id,
                 )
         return True
+
+    def unplace(self, job_id: int, detail: str, now: float | None = None, **fields: object) -> bool:
+        """A running job back to pending, its placement released (it never really ran)."""
+        return self.transition(
+            job_id, JobState.PENDING, when=[JobState.RUNNING], detail=detail, now=now,
+            gpus=None, share=None, session=None, started_at=None, pid=None, launched=0,
+            **fields,
+        )  # fmt: skip
 
     def set_fields(self, job_id: int, **fields: object) -> None:
         with self.tx() as db:

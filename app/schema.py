@@ -1,0 +1,98 @@
+"""The state database's schema: migrations as small registered functions, applied in order.
+
+Each migration runs once, inside the transaction that records it in `migrations`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(name: str) -> Callable[[Migration], Migration]:
+    def register(fn: Migration) -> Migration:
+        MIGRATIONS.append((name, fn))
+        return fn
+
+    return register
+
+
+@migration("001_initial")
+def _initial(db: sqlite3.Connection) -> None:
+    _run_script(
+        db,
+        """
+        CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            script TEXT NOT NULL,
+            conda_env TEXT NOT NULL,
+            args TEXT NOT NULL,
+            allowed_gpus TEXT,
+            source TEXT NOT NULL DEFAULT '',
+            requirement REAL,
+            gpus TEXT,
+            share REAL,
+            vram_mb INTEGER,
+            session TEXT,
+            runner TEXT,
+            log_path TEXT,
+            command TEXT,
+            pid INTEGER,
+            launched INTEGER NOT NULL DEFAULT 0,
+            exit_code INTEGER,
+            reason TEXT NOT NULL DEFAULT '',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL,
+            submitted_at REAL NOT NULL,
+            queued_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL
+        );
+        CREATE INDEX jobs_status ON jobs(status, priority, seq);
+        CREATE TABLE job_events (
+            id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL, at REAL NOT NULL,
+            status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX job_events_job ON job_events(job_id);
+        CREATE TABLE paused_gpus (gpu INTEGER PRIMARY KEY, at REAL NOT NULL);
+        CREATE TABLE file_cursors (path TEXT PRIMARY KEY, cursor TEXT NOT NULL);
+        CREATE TABLE seen_lines (
+            path TEXT NOT NULL, hash TEXT NOT NULL, count INTEGER NOT NULL,
+            PRIMARY KEY (path, hash)
+        ) WITHOUT ROWID;
+        CREATE TABLE line_errors (
+            id INTEGER PRIMARY KEY, file TEXT NOT NULL, line INTEGER NOT NULL,
+            reason TEXT NOT NULL, at REAL NOT NULL
+        );
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL,
+            message TEXT NOT NULL, job_id INTEGER
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        """,
+    )
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it commits on its own, and a migration must be one transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Apply the migrations not yet recorded; the caller holds a write transaction."""
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, at REAL)")
+    done = {r[0] for r in db.execute("SELECT name FROM migrations")}
+    for name, fn in MIGRATIONS:
+        if name not in done:
+            fn(db)
+            db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
