@@ -96,7 +96,7 @@ def test_add_goes_to_the_running_schedulers_file_and_runs(
     code, _, _ = running.run(capsys, "add", str(script), "--args", "--llm half --sleep 30")
     assert code == 0
     assert "--llm half --sleep 30" in (running.root / "jobs.txt").read_text()
-    wait_until(lambda: running.job(capsys, 1)["status"] == "running")
+    wait_until(lambda: running.job(capsys, 1).get("status") == "running")
     status = running.status(capsys)
     assert status["scheduler"]["running"] is True
     gpu0 = status["gpus"][0]
@@ -123,9 +123,9 @@ def test_pause_kill_retry_reach_the_scheduler(
     assert code == 1 and "GPU 9 does not exist (GPUs 0-1)" in err
     with (running.root / "jobs.txt").open("a") as f:
         f.write(f"0,{running.root / 'job.py'},,--sleep 60,\n")
-    wait_until(lambda: "paused" in running.job(capsys, 1)["reason"])
+    wait_until(lambda: "paused" in running.job(capsys, 1).get("reason", ""))
     assert running.run(capsys, "resume", "1")[0] == 0
-    wait_until(lambda: running.job(capsys, 1)["status"] == "running")
+    wait_until(lambda: running.job(capsys, 1).get("status") == "running")
     assert running.job(capsys, 1)["gpus"] == [1]
     code, out, _ = running.run(capsys, "kill", "1")
     assert code == 0 and "killed" in out
@@ -133,7 +133,7 @@ def test_pause_kill_retry_reach_the_scheduler(
     code, _, err = running.run(capsys, "kill", "1")
     assert code == 1 and "already ended (killed)" in err
     assert running.run(capsys, "retry", "1")[0] == 0
-    wait_until(lambda: running.job(capsys, 1)["status"] == "running")
+    wait_until(lambda: running.job(capsys, 1).get("status") == "running")
     wait_until(lambda: "started --sleep 60" in running.run(capsys, "logs", "1")[1])
 
 
