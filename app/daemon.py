@@ -34,7 +34,7 @@ from app.models import (
 )
 from app.paths import StatePaths
 from app.reaper import Reaper
-from app.requirements import LlmConfigCache
+from app.requirements import LlmConfig, LlmConfigCache, RequirementMemo
 from app.runners import LaunchError, Runner
 from app.settings import Settings
 from app.store import Job, Store
@@ -81,6 +81,7 @@ class Daemon:
         self._last_gpus_json = ""
         self._last_probe_error = ""
         self._last_config_error = ""
+        self._requirements = RequirementMemo()
 
     # ---- one pass ----------------------------------------------------------------------------
 
@@ -96,8 +97,9 @@ class Daemon:
         if check_sessions:
             self._last_session_check = now
         report.ended = self.reaper.reap(now, check_sessions=check_sessions)
+        config = self.llm.get()  # once per pass: it stats the file
         self._requeue_unschedulable_on_change(gpus)
-        report.started = self._schedule(now, gpus)
+        report.started = self._schedule(now, gpus, config)
         return report
 
     def _probe(self, now: float) -> list[GpuSnapshot] | None:
@@ -187,12 +189,8 @@ class Daemon:
 
     # ---- pending jobs -> placements -> sessions ----------------------------------------------
 
-    def _requirement(self, job: Job) -> Requirement:
-        return self.llm.get().requirement(job.args)
-
     def _requeue_unschedulable_on_change(self, gpus: list[GpuSnapshot] | None) -> None:
         """A new llm_config or a different GPU set may make unschedulable jobs placeable."""
-        self.llm.get()
         if self.llm.error and self.llm.error != self._last_config_error:
             log.error("%s (keeping the last good configuration)", self.llm.error)
         self._last_config_error = self.llm.error or ""
@@ -212,7 +210,9 @@ class Daemon:
                 ended_at=None,
             )
 
-    def _schedule(self, now: float, gpus: list[GpuSnapshot] | None) -> list[Placement]:
+    def _schedule(
+        self, now: float, gpus: list[GpuSnapshot] | None, config: LlmConfig
+    ) -> list[Placement]:
         pending = self.store.jobs([JobState.PENDING])
         if not pending:
             return []
@@ -222,7 +222,7 @@ class Daemon:
         changes: dict[int, dict[str, object]] = {}
         for job in pending:
             try:
-                requirement = self._requirement(job)
+                requirement = self._requirements.get(config, job.args)
             except RequirementError as exc:
                 self.store.transition(
                     job.id,

@@ -204,3 +204,26 @@ class LlmConfigCache:
             self.error = None
             self.generation += 1
             return config
+
+
+class RequirementMemo:
+    """Requirements by argument string for one config, so a scheduler pass over thousands of
+    pending jobs does not split every job's arguments again; reset when the config changes."""
+
+    def __init__(self) -> None:
+        self._config: LlmConfig | None = None
+        self._found: dict[str, Requirement | RequirementError] = {}
+
+    def get(self, config: LlmConfig, args: str) -> Requirement:
+        if config is not self._config:
+            self._config = config
+            self._found.clear()
+        if args not in self._found:
+            try:
+                self._found[args] = config.requirement(args)
+            except RequirementError as exc:
+                self._found[args] = exc
+        found = self._found[args]
+        if isinstance(found, RequirementError):
+            raise found
+        return found

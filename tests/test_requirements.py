@@ -13,8 +13,10 @@ from app.requirements import (
     ConfigError,
     LlmConfig,
     LlmConfigCache,
+    RequirementMemo,
     llm_name,
     load_llm_config,
+    parse_llm_config,
 )
 
 EXAMPLE = {
@@ -193,3 +195,14 @@ def test_cache_reloads_only_on_change(tmp_path: Path) -> None:
     path.unlink()
     assert cache.get().requirement("--llm m") == Requirement(1.0)
     assert cache.generation == 4
+
+
+def test_requirement_memo_follows_the_config_and_keeps_errors() -> None:
+    memo = RequirementMemo()
+    half = parse_llm_config({"default_requirement": 1.0, "models": {"m": 0.5}}, "a.json")
+    assert memo.get(half, "--llm m").amount == 0.5
+    bad = parse_llm_config({"default_requirement": 1.0, "models": {"m": 1.5}}, "b.json")
+    for _ in range(2):  # the error is remembered and raised again, not swallowed
+        with pytest.raises(RequirementError, match=r"1\.5"):
+            memo.get(bad, "--llm m")
+    assert memo.get(half, "--llm m").amount == 0.5  # a new config object: resolved afresh
