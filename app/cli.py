@@ -87,6 +87,12 @@ def _add_start(
         help="leave --cuda alone and set CUDA_VISIBLE_DEVICES instead",
     )
     p.add_argument("--probe-timeout", type=float, help="bound on one GPU probe, s (5)")
+    p.add_argument(
+        "--tui",
+        action="store_true",
+        help="show the live dashboard in front of the scheduler (quitting asks whether to "
+        "keep the scheduler running in the background)",
+    )
     p.add_argument("--screen", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_start)
 
@@ -100,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_start(sub, parent)
+
+    p = sub.add_parser(
+        "dashboard",
+        parents=[parent],
+        help="live dashboard of GPUs and jobs (the default command in a terminal)",
+        description="Open the live dashboard on the state directory, whether or not a "
+        "scheduler runs there. Press ? inside for the keys.",
+    )
+    p.set_defaults(handler=cmd_dashboard)
 
     p = sub.add_parser("add", parents=[parent], help="append a job line to the jobs file")
     p.add_argument("script", help="script to run (.py with the env's python, .sh with bash)")
@@ -161,10 +176,14 @@ def _normalise_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    argv = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
-        parser.print_help()
-        return 0
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            parser.print_help()
+            return 0
+        args.state_dir, args.handler = None, cmd_dashboard
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -221,10 +240,20 @@ def cmd_start(args: argparse.Namespace) -> int:
     )
     settings = from_sources(os.environ, {n: getattr(args, n) for n in names})
     try:
+        if args.tui:
+            from app.dashboard import run_with_scheduler
+
+            return run_with_scheduler(settings, [a for a in args.argv if a != "--tui"])
         return serve(settings)
     except NoGpuBackend as exc:
         print(f"gpusched: error: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from app.dashboard import run_dashboard
+
+    return run_dashboard(_paths(args))
 
 
 def cmd_add(args: argparse.Namespace) -> int:

@@ -148,3 +148,20 @@ def retry_job(store: Store, paths: StatePaths, job_id: int) -> str:
         )
     wake_scheduler(paths)
     return f"job {job_id} queued again"
+
+
+def change_priority(store: Store, paths: StatePaths, job_id: int, delta: int) -> str:
+    """Move a pending job up (delta < 0: lower number, runs sooner) or down the queue."""
+    job = get_job(store, job_id)
+    if job.status != JobState.PENDING or not store.set_priority(job_id, job.priority + delta):
+        raise ActionError(f"job {job_id} is {job.status}; only a pending job's priority can change")
+    wake_scheduler(paths)
+    return f"job {job_id} priority {job.priority} → {job.priority + delta}"
+
+
+def remove_pending(store: Store, paths: StatePaths, job_id: int) -> str:
+    """Take a job off the queue (it becomes `killed`; `retry` queues it again)."""
+    job = get_job(store, job_id)
+    if job.status != JobState.PENDING:
+        raise ActionError(f"job {job_id} is {job.status}; only a pending job can be removed")
+    return kill_job(store, paths, job_id)

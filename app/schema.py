@@ -81,6 +81,28 @@ def _initial(db: sqlite3.Connection) -> None:
     )
 
 
+@migration("002_job_revisions")
+def _job_revisions(db: sqlite3.Connection) -> None:
+    """Every insert or update of a job stamps it with a new revision, so a reader (the
+    dashboard) fetches only the rows that changed since its last look."""
+    db.execute("ALTER TABLE jobs ADD COLUMN rev INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX jobs_rev ON jobs(rev)")
+    db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    db.execute("INSERT INTO counters VALUES ('jobs_rev', (SELECT COALESCE(MAX(id), 0) FROM jobs))")
+    db.execute("UPDATE jobs SET rev = id")
+    stamp = (
+        "UPDATE counters SET value = value + 1 WHERE name = 'jobs_rev'; "
+        "UPDATE jobs SET rev = (SELECT value FROM counters WHERE name = 'jobs_rev') "
+        "WHERE id = NEW.id;"
+    )
+    # Recursive triggers are off (SQLite's default), so the stamping UPDATE fires nothing.
+    db.execute(f"CREATE TRIGGER jobs_rev_insert AFTER INSERT ON jobs BEGIN {stamp} END")
+    db.execute(
+        f"CREATE TRIGGER jobs_rev_update AFTER UPDATE ON jobs WHEN NEW.rev = OLD.rev "
+        f"BEGIN {stamp} END"
+    )
+
+
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits on its own, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -51,6 +51,8 @@ class Job:
     queued_at: float
     started_at: float | None
     ended_at: float | None
+    rev: int = 0
+    """Revision stamp: changes on every write to the row (see schema 002_job_revisions)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -116,6 +118,11 @@ class Store:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [Job.from_row(r) for r in self.db.execute(sql, params)]
+
+    def jobs_changed_since(self, rev: int) -> list[Job]:
+        """Jobs inserted or updated after revision `rev`, in revision order."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE rev > ? ORDER BY rev", (rev,))
+        return [Job.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")

@@ -1,0 +1,392 @@
+"""The live dashboard: GPUs, jobs, details and logs on one screen, one key per action.
+
+The UI thread only renders. Polling (`DashboardReader.poll`, `JobList.page`) and every action
+run in worker threads; actions use the same functions as the CLI (`app.control`) on their own
+database connection, so a kill that waits for a process tree never stalls the screen.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from contextlib import closing
+
+from textual import on
+from textual.app import App, ComposeResult, SuspendNotSupported, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static, Tab, Tabs
+
+from app import control
+from app.dashboard.format import header_text
+from app.dashboard.joblist import VIEWS, JobList, Page, view_count
+from app.dashboard.model import DashboardReader, Detail, Snapshot
+from app.dashboard.screens import ConfirmScreen, HelpScreen, QuitScreen
+from app.dashboard.widgets import DetailPane, ErrorList, GpuTable, JobTable, LogPane
+from app.models import JobState
+from app.paths import StatePaths
+from app.store import Job, Store
+
+POLL_INTERVAL = 0.5
+TAB_IDS = (*VIEWS, "errors")
+Action = Callable[[Store, StatePaths], str]
+
+
+class DashboardApp(App[str]):
+    TITLE = "gpusched"
+    CSS = """
+    #header { height: auto; padding: 0 1; background: $panel; }
+    #gpus { height: auto; max-height: 10; }
+    #filter { display: none; }
+    #filter.shown { display: block; }
+    #main { height: 1fr; }
+    #switcher { width: 1fr; }
+    #errors { height: 1fr; padding: 0 1; }
+    #detail { width: 52; padding: 0 1; border-left: solid $primary; }
+    #shown { height: 1; padding: 0 1; color: $text-muted; }
+    #log { height: 12; border: round $primary; padding: 0 1; }
+    #log.hidden { display: none; }
+    """
+    BINDINGS = [
+        Binding("p", "pause_gpu(True)", "pause GPU"),
+        Binding("r", "pause_gpu(False)", "resume GPU"),
+        Binding("a", "attach", "attach"),
+        Binding("k", "kill", "kill"),
+        Binding("R", "retry", "retry"),
+        Binding("plus", "priority(-1)", "prio+"),
+        Binding("minus", "priority(1)", "prio-"),
+        Binding("d", "remove", "remove"),
+        Binding("slash", "filter", "filter"),
+        Binding("l", "toggle_log", "log"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit_dashboard", "quit"),
+        Binding("escape", "clear_filter", "clear filter", show=False),
+        *(Binding(str(i + 1), f"tab('{tab}')", show=False) for i, tab in enumerate(TAB_IDS)),
+    ]
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        *,
+        embedded: bool = False,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        super().__init__()
+        self.paths = paths
+        self.embedded = embedded
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.reader = DashboardReader(paths, clock=clock)
+        self.joblist = JobList()
+        self.view = "queue"
+        self.filter_text = ""
+        self.snapshot: Snapshot | None = None
+        self.polls = 0
+        self._polling = False
+        self._poll_again = False
+        self._detail_for: int | None = None
+
+    # ---- layout ---------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="header")
+        yield GpuTable(id="gpus")
+        yield Tabs(*(Tab(label, id=view) for view, (label, _) in VIEWS.items()),
+                   Tab("Errors", id="errors-tab"))  # fmt: skip
+        yield Input(placeholder="filter jobs: id, script, env, arguments, reason", id="filter")
+        with Horizontal(id="main"):
+            with ContentSwitcher(initial="jobs", id="switcher"):
+                yield JobTable(id="jobs")
+                with VerticalScroll(id="errors"):
+                    yield ErrorList(id="errors-list")
+            yield DetailPane(id="detail")
+        yield Static(id="shown")
+        yield LogPane(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(JobTable).focus()
+        self.request_poll()
+        self.set_interval(self.poll_interval, self.request_poll)
+
+    def on_unmount(self) -> None:
+        self.reader.close()
+
+    # ---- polling (worker threads) ---------------------------------------------------------
+
+    def request_poll(self) -> None:
+        if self._polling:
+            self._poll_again = True
+            return
+        self._polling = True
+        self.run_worker(self._poll, thread=True, group="poll")
+
+    def _poll(self) -> None:
+        view, text = self.view, self.filter_text
+        snapshot = self.reader.poll()
+        self.joblist.merge(snapshot.changed)
+        page = self.joblist.page(view if view in VIEWS else "all", text, snapshot.now)
+        self.call_from_thread(self._apply, snapshot, page, view, text)
+
+    def _apply(self, snapshot: Snapshot, page: Page, view: str, text: str) -> None:
+        self._polling = False
+        self.snapshot = snapshot
+        self.polls += 1
+        counts = snapshot.header.counts
+        self.query_one("#header", Static).update(header_text(snapshot.header, snapshot.now))
+        self.query_one(GpuTable).show(snapshot.gpus)
+        tabs = self.query_one(Tabs)
+        for tab_id, (label, _) in VIEWS.items():
+            self._label(tabs, tab_id, f"{label} {view_count(tab_id, counts)}")
+        self._label(tabs, "errors-tab", f"Errors {len(snapshot.errors)}")
+        self.query_one(ErrorList).show(snapshot.errors)
+        if (view, text) == (self.view, self.filter_text) and view in VIEWS:
+            self.query_one(JobTable).apply(page.rows)
+            shown = (
+                f"{len(page.rows):,} of {page.matching:,} shown"
+                if page.matching > len(page.rows)
+                else f"{page.matching:,} jobs"
+            )
+            hint = f" matching '{text}'" if text else ""
+            more = " — narrow with / to see the rest" if page.matching > len(page.rows) else ""
+            self.query_one("#shown", Static).update(f"{shown}{hint}{more}")
+        else:
+            self._poll_again = True
+        selected = self.selected_job_id()
+        changed = {job.id for job in snapshot.changed}
+        job = self.joblist.jobs.get(selected) if selected is not None else None
+        if (
+            selected != self._detail_for
+            or selected in changed
+            or (job is not None and job.status == JobState.RUNNING)
+        ):
+            self.request_detail()
+        if self._poll_again:
+            self._poll_again = False
+            self.request_poll()
+
+    @staticmethod
+    def _label(tabs: Tabs, tab_id: str, label: str) -> None:
+        tab = tabs.get_tab(tab_id)
+        if tab is not None and tab.label_text != label:
+            tab.label = label
+
+    def request_detail(self) -> None:
+        job_id = self.selected_job_id()
+        self._detail_for = job_id
+        if job_id is None:
+            self._show_detail(None)
+            return
+        self.run_worker(lambda: self._detail(job_id), thread=True, group="detail", exclusive=True)
+
+    def _detail(self, job_id: int) -> None:
+        detail = self.reader.detail(job_id, lines=60)
+        self.call_from_thread(self._show_detail, detail)
+
+    def _show_detail(self, detail: Detail | None) -> None:
+        if detail is not None and detail.job.id != self.selected_job_id():
+            return  # the cursor moved on meanwhile
+        attach = ""
+        if detail and detail.job.session and detail.job.status == JobState.RUNNING:
+            attach = " ".join(self._attach_argv(detail.job))
+        now = self.snapshot.now if self.snapshot else self.clock()
+        self.query_one(DetailPane).show(detail, attach, now)
+        log = self.query_one(LogPane)
+        if detail is not None:
+            room = max(log.size.height - 2, 1)
+            detail = Detail(detail.job, detail.history, detail.tail[-room:], detail.tail_source)
+        log.show(detail)
+
+    @on(DataTable.RowHighlighted, "#jobs")
+    def _job_highlighted(self) -> None:
+        if self.selected_job_id() != self._detail_for:
+            self.request_detail()
+
+    @on(DataTable.RowSelected, "#jobs")
+    def _job_selected(self) -> None:
+        self.action_attach()
+
+    @on(Tabs.TabActivated)
+    def _tab_activated(self, event: Tabs.TabActivated) -> None:
+        tab_id = event.tab.id or "queue"
+        self.view = "errors" if tab_id == "errors-tab" else tab_id
+        switcher = self.query_one(ContentSwitcher)
+        switcher.current = "errors" if self.view == "errors" else "jobs"
+        self.request_poll()
+
+    # ---- selection ------------------------------------------------------------------------
+
+    def selected_job_id(self) -> int | None:
+        try:
+            key = self.query_one(JobTable).selected_key
+        except NoMatches:
+            return None
+        return int(key) if key is not None and self.view in VIEWS else None
+
+    def selected_job(self) -> Job | None:
+        job_id = self.selected_job_id()
+        if job_id is None:
+            self.notify("No job selected.", severity="warning")
+            return None
+        return self.joblist.jobs.get(job_id)
+
+    # ---- actions --------------------------------------------------------------------------
+
+    def act(self, action: Action) -> None:
+        """Run a control action off the UI thread; its message or error becomes a notification."""
+
+        def work() -> None:
+            try:
+                with closing(Store(self.paths.ensure().db)) as store:
+                    message = action(store, self.paths)
+            except control.ActionError as exc:
+                self.call_from_thread(self.notify, str(exc), severity="error")
+            except Exception as exc:  # never a traceback on screen: say what failed
+                self.call_from_thread(
+                    self.notify, f"{type(exc).__name__}: {exc}", severity="error", timeout=10
+                )
+            else:
+                self.call_from_thread(self.notify, message)
+            self.call_from_thread(self.request_poll)
+
+        self.run_worker(work, thread=True, group="action")
+
+    def action_pause_gpu(self, paused: bool) -> None:
+        gpu = self.query_one(GpuTable).selected_gpu
+        if gpu is None:
+            self.notify("No GPU known yet: start the scheduler first.", severity="warning")
+            return
+        self.act(lambda store, paths: control.set_paused(store, paths, gpu, paused))
+
+    def action_kill(self) -> None:
+        job = self.selected_job()
+        if job is None:
+            return
+        if job.status not in (JobState.PENDING, JobState.RUNNING):
+            self.notify(f"job {job.id} already ended ({job.status})", severity="error")
+            return
+        where = f" on GPU {','.join(map(str, job.gpus))}" if job.gpus else ""
+        question = f"Kill job {job.id} ({job.status}{where})?\n{job.script} {job.args}"
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.act(lambda store, paths: control.kill_job(store, paths, job.id))
+
+        self.push_screen(ConfirmScreen(question, yes="Kill"), answered)
+
+    def action_retry(self) -> None:
+        if job := self.selected_job():
+            self.act(lambda store, paths: control.retry_job(store, paths, job.id))
+
+    def action_priority(self, delta: int) -> None:
+        if job := self.selected_job():
+            self.act(lambda store, paths: control.change_priority(store, paths, job.id, delta))
+
+    def action_remove(self) -> None:
+        if job := self.selected_job():
+            self.act(lambda store, paths: control.remove_pending(store, paths, job.id))
+
+    def _attach_argv(self, job: Job) -> list[str]:
+        return control.runner_for(job.runner or control.runner_id_for(None)).attach_argv(
+            job.session or ""
+        )
+
+    def action_attach(self) -> None:
+        job = self.selected_job()
+        if job is None:
+            return
+        if job.status != JobState.RUNNING or not job.session:
+            self.notify(f"job {job.id} is {job.status}: no session to attach to", severity="error")
+            return
+        argv = self._attach_argv(job)
+        command = " ".join(argv)
+        if "switch-client" in argv:  # inside tmux on the jobs' server: no suspend needed
+            switched = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if switched.returncode == 0:
+                self.notify(f"switched to {job.session}; Ctrl-b L comes back here")
+            else:
+                self.notify(f"{command}: {switched.stderr.strip()}", severity="error")
+            return
+        try:
+            with self.suspend():
+                result = subprocess.run(argv, check=False)
+        except SuspendNotSupported:
+            self.notify(f"This terminal cannot hand over; run: {command}", severity="warning")
+            return
+        if result.returncode != 0:
+            self.notify(f"{command} exited with {result.returncode}", severity="error")
+        else:
+            self.notify(f"back from job {job.id}")
+        self.request_poll()
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.add_class("shown")
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self.request_poll()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_submitted(self) -> None:
+        self.query_one(JobTable).focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.remove_class("shown")
+        self.filter_text = ""
+        self.query_one(JobTable).focus()
+        self.request_poll()
+
+    def action_tab(self, tab_id: str) -> None:
+        self.query_one(Tabs).active = "errors-tab" if tab_id == "errors" else tab_id
+
+    def action_toggle_log(self) -> None:
+        self.query_one(LogPane).toggle_class("hidden")
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_quit_dashboard(self) -> None:
+        if not self.embedded:
+            self.exit("quit")
+            return
+
+        def chosen(choice: str | None) -> None:
+            if choice in ("background", "stop"):
+                self.exit(choice)
+
+        self.push_screen(QuitScreen(), chosen)
+
+    # ---- command palette --------------------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:  # type: ignore[type-arg]
+        yield from super().get_system_commands(screen)
+        commands = (
+            ("Pause GPU", "Pause the GPU under the GPU cursor",
+             lambda: self.action_pause_gpu(True)),
+            ("Resume GPU", "Resume the GPU under the GPU cursor",
+             lambda: self.action_pause_gpu(False)),
+            ("Attach to job", "Attach to the selected job's tmux session", self.action_attach),
+            ("Kill job", "Kill the selected job (asks first)", self.action_kill),
+            ("Retry job", "Queue the selected ended job again", self.action_retry),
+            ("Raise priority", "Run the selected pending job sooner",
+             lambda: self.action_priority(-1)),
+            ("Lower priority", "Run the selected pending job later",
+             lambda: self.action_priority(1)),
+            ("Remove pending job", "Take the selected pending job off the queue",
+             self.action_remove),
+            ("Filter jobs", "Show only jobs matching a text", self.action_filter),
+            ("Toggle log pane", "Show or hide the selected job's output", self.action_toggle_log),
+            ("Keys", "Show every key", self.action_help),
+        )  # fmt: skip
+        for title, help_text, callback in commands:
+            yield SystemCommand(title, help_text, callback)

@@ -1,0 +1,111 @@
+"""The dashboard's in-memory copy of the jobs, and the rows each tab shows.
+
+Lives in the polling worker, not the UI thread: it merges the rows that changed since the
+last poll, and recomputes a tab's ordered, filtered, capped list only when something changed.
+Cells that depend only on the job are cached per revision; only the time column is redone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rich.text import Text
+
+from app.dashboard.format import job_cells, job_time, search_text
+from app.models import JobState
+from app.store import Job
+
+Cells = tuple[str | Text, ...]
+Row = tuple[str, Cells]
+
+#: The tabs: id → (label, states shown; None = all).
+VIEWS: dict[str, tuple[str, frozenset[JobState] | None]] = {
+    "queue": ("Queue", frozenset({JobState.PENDING, JobState.UNSCHEDULABLE})),
+    "running": ("Running", frozenset({JobState.RUNNING})),
+    "done": ("Done", frozenset({JobState.COMPLETED})),
+    "failed": ("Failed", frozenset({JobState.FAILED, JobState.KILLED, JobState.LOST})),
+    "all": ("All", None),
+}
+#: Rows a tab shows at most; the rest are reached with `/` (the filter applies before the cap).
+ROW_CAP = 1000
+TIME_COLUMN = 8
+
+
+def view_count(view: str, counts: dict[str, int]) -> int:
+    states = VIEWS[view][1]
+    if states is None:
+        return sum(counts.values())
+    return sum(counts.get(s.value, 0) for s in states)
+
+
+def _order(view: str, job: Job) -> tuple[float, ...]:
+    if view == "queue":  # the order the allocator walks the queue in
+        return (job.status != JobState.PENDING, job.priority, job.seq, job.id)
+    if view == "running":
+        return (job.started_at or 0.0, job.id)
+    if view in ("done", "failed"):  # most recent first
+        return (-(job.ended_at or 0.0), -job.id)
+    return (-job.id,)
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: tuple[Row, ...]
+    matching: int
+    """Jobs in this tab that match the filter; more than len(rows) when capped."""
+
+
+class JobList:
+    def __init__(self, cap: int = ROW_CAP) -> None:
+        self.cap = cap
+        self.jobs: dict[int, Job] = {}
+        self._cells: dict[int, tuple[int, Cells]] = {}
+        self._search: dict[int, tuple[int, str]] = {}
+        self._last: tuple[str, str, int] | None = None
+        self._visible: list[Job] = []
+        self._matching = 0
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def merge(self, changed: Iterable[Job]) -> None:
+        with self._lock:
+            for job in changed:
+                self.jobs[job.id] = job
+                self._generation += 1
+
+    def page(self, view: str, text: str, now: float) -> Page:
+        with self._lock:
+            key = (view, text, self._generation)
+            if key != self._last:
+                self._last = key
+                self._visible, self._matching = self._select(view, text.strip().lower())
+            return Page(tuple(self._row(job, now) for job in self._visible), self._matching)
+
+    def _select(self, view: str, text: str) -> tuple[list[Job], int]:
+        states = VIEWS[view][1]
+        jobs = [j for j in self.jobs.values() if states is None or j.status in states]
+        if text:
+            jobs = [j for j in jobs if text in self._text(j)]
+        jobs.sort(key=lambda j: _order(view, j))
+        return jobs[: self.cap], len(jobs)
+
+    def _text(self, job: Job) -> str:
+        cached = self._search.get(job.id)
+        if cached is None or cached[0] != job.rev:
+            cached = (job.rev, search_text(job))
+            self._search[job.id] = cached
+        return cached[1]
+
+    def _row(self, job: Job, now: float) -> Row:
+        cached = self._cells.get(job.id)
+        if cached is None or cached[0] != job.rev:
+            cached = (job.rev, job_cells(job, now))
+            self._cells[job.id] = cached
+        cells = cached[1]
+        when = job_time(job, now)
+        if cells[TIME_COLUMN] != when:
+            cells = (*cells[:TIME_COLUMN], when, *cells[TIME_COLUMN + 1 :])
+            self._cells[job.id] = (job.rev, cells)
+        return str(job.id), cells
