@@ -7,20 +7,22 @@ database connection, so a kill that waits for a process tree never stalls the sc
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
 
 from textual import on
-from textual.app import App, ComposeResult, SuspendNotSupported, SystemCommand
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.css.query import NoMatches
+from textual.notifications import SeverityLevel
 from textual.screen import Screen
 from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static, Tab, Tabs
 
 from app import control
+from app.dashboard.attach import attach, attach_argv
 from app.dashboard.format import header_text
 from app.dashboard.joblist import VIEWS, JobList, Page, view_count
 from app.dashboard.model import DashboardReader, Detail, Snapshot
@@ -42,12 +44,12 @@ class DashboardApp(App[str]):
     #gpus { height: auto; max-height: 10; }
     #filter { display: none; }
     #filter.shown { display: block; }
-    #main { height: 1fr; }
-    #switcher { width: 1fr; }
-    #errors { height: 1fr; padding: 0 1; }
-    #detail { width: 52; padding: 0 1; border-left: solid $primary; }
+    #switcher { height: 3fr; }
+    #errors { padding: 0 1; }
     #shown { height: 1; padding: 0 1; color: $text-muted; }
-    #log { height: 12; border: round $primary; padding: 0 1; }
+    #bottom { height: 2fr; min-height: 8; }
+    #detail-box { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
+    #log { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
     #log.hidden { display: none; }
     """
     BINDINGS = [
@@ -88,7 +90,10 @@ class DashboardApp(App[str]):
         self.polls = 0
         self._polling = False
         self._poll_again = False
+        self._last_poll_error = ""
         self._detail_for: int | None = None
+        self.detail_shown: int | None = None
+        """The job whose details are on screen (tests and benchmarks wait on it)."""
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -98,14 +103,15 @@ class DashboardApp(App[str]):
         yield Tabs(*(Tab(label, id=view) for view, (label, _) in VIEWS.items()),
                    Tab("Errors", id="errors-tab"))  # fmt: skip
         yield Input(placeholder="filter jobs: id, script, env, arguments, reason", id="filter")
-        with Horizontal(id="main"):
-            with ContentSwitcher(initial="jobs", id="switcher"):
-                yield JobTable(id="jobs")
-                with VerticalScroll(id="errors"):
-                    yield ErrorList(id="errors-list")
-            yield DetailPane(id="detail")
+        with ContentSwitcher(initial="jobs", id="switcher"):
+            yield JobTable(id="jobs")
+            with VerticalScroll(id="errors"):
+                yield ErrorList(id="errors-list")
         yield Static(id="shown")
-        yield LogPane(id="log")
+        with Horizontal(id="bottom"):
+            with VerticalScroll(id="detail-box"):
+                yield DetailPane(id="detail")
+            yield LogPane(id="log")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -127,13 +133,34 @@ class DashboardApp(App[str]):
 
     def _poll(self) -> None:
         view, text = self.view, self.filter_text
-        snapshot = self.reader.poll()
-        self.joblist.merge(snapshot.changed)
-        page = self.joblist.page(view if view in VIEWS else "all", text, snapshot.now)
-        self.call_from_thread(self._apply, snapshot, page, view, text)
+        try:
+            snapshot = self.reader.poll()
+            self.joblist.merge(snapshot.changed)
+            page = self.joblist.page(view if view in VIEWS else "all", text, snapshot.now)
+        except Exception as exc:  # e.g. the database locked or unreadable: say so, keep going
+            self._from_worker(self._poll_failed, f"{type(exc).__name__}: {exc}")
+            return
+        self._from_worker(self._apply, snapshot, page, view, text)
+
+    def _poll_failed(self, error: str) -> None:
+        self._polling = False
+        if error != self._last_poll_error:  # once per distinct error, not every half second
+            self._last_poll_error = error
+            self.notify(f"cannot read the state database: {error}", severity="error", timeout=10)
+
+    def _from_worker(self, callback: Callable[..., object], *args: object) -> None:
+        """Hand a worker's result to the UI thread; dropped once the dashboard is closing."""
+        if self.is_running:
+            with contextlib.suppress(RuntimeError, NoMatches):
+                self.call_from_thread(callback, *args)
 
     def _apply(self, snapshot: Snapshot, page: Page, view: str, text: str) -> None:
         self._polling = False
+        with contextlib.suppress(NoMatches):  # the screen is being torn down
+            self._render_snapshot(snapshot, page, view, text)
+
+    def _render_snapshot(self, snapshot: Snapshot, page: Page, view: str, text: str) -> None:
+        self._last_poll_error = ""
         self.snapshot = snapshot
         self.polls += 1
         counts = snapshot.header.counts
@@ -184,22 +211,24 @@ class DashboardApp(App[str]):
         self.run_worker(lambda: self._detail(job_id), thread=True, group="detail", exclusive=True)
 
     def _detail(self, job_id: int) -> None:
-        detail = self.reader.detail(job_id, lines=60)
-        self.call_from_thread(self._show_detail, detail)
+        try:
+            detail = self.reader.detail(job_id, lines=60)
+        except Exception as exc:  # reported by the next poll if the database is the cause
+            self._from_worker(self._notify, f"job {job_id}: {type(exc).__name__}: {exc}", "error")
+            return
+        self._from_worker(self._show_detail, detail)
 
     def _show_detail(self, detail: Detail | None) -> None:
         if detail is not None and detail.job.id != self.selected_job_id():
             return  # the cursor moved on meanwhile
         attach = ""
         if detail and detail.job.session and detail.job.status == JobState.RUNNING:
-            attach = " ".join(self._attach_argv(detail.job))
+            attach = " ".join(attach_argv(detail.job))
         now = self.snapshot.now if self.snapshot else self.clock()
         self.query_one(DetailPane).show(detail, attach, now)
-        log = self.query_one(LogPane)
-        if detail is not None:
-            room = max(log.size.height - 2, 1)
-            detail = Detail(detail.job, detail.history, detail.tail[-room:], detail.tail_source)
-        log.show(detail)
+        self.detail_shown = detail.job.id if detail else None
+        self.query_one("#detail-box").border_title = f"job #{detail.job.id}" if detail else "job"
+        self.query_one(LogPane).show(detail)
 
     @on(DataTable.RowHighlighted, "#jobs")
     def _job_highlighted(self) -> None:
@@ -244,16 +273,17 @@ class DashboardApp(App[str]):
                 with closing(Store(self.paths.ensure().db)) as store:
                     message = action(store, self.paths)
             except control.ActionError as exc:
-                self.call_from_thread(self.notify, str(exc), severity="error")
+                self._from_worker(self._notify, str(exc), "error")
             except Exception as exc:  # never a traceback on screen: say what failed
-                self.call_from_thread(
-                    self.notify, f"{type(exc).__name__}: {exc}", severity="error", timeout=10
-                )
+                self._from_worker(self._notify, f"{type(exc).__name__}: {exc}", "error")
             else:
-                self.call_from_thread(self.notify, message)
-            self.call_from_thread(self.request_poll)
+                self._from_worker(self._notify, message, "information")
+            self._from_worker(self.request_poll)
 
         self.run_worker(work, thread=True, group="action")
+
+    def _notify(self, message: str, severity: SeverityLevel) -> None:
+        self.notify(message, severity=severity, timeout=8 if severity == "error" else 4)
 
     def action_pause_gpu(self, paused: bool) -> None:
         gpu = self.query_one(GpuTable).selected_gpu
@@ -290,38 +320,11 @@ class DashboardApp(App[str]):
         if job := self.selected_job():
             self.act(lambda store, paths: control.remove_pending(store, paths, job.id))
 
-    def _attach_argv(self, job: Job) -> list[str]:
-        return control.runner_for(job.runner or control.runner_id_for(None)).attach_argv(
-            job.session or ""
-        )
-
     def action_attach(self) -> None:
-        job = self.selected_job()
-        if job is None:
-            return
-        if job.status != JobState.RUNNING or not job.session:
-            self.notify(f"job {job.id} is {job.status}: no session to attach to", severity="error")
-            return
-        argv = self._attach_argv(job)
-        command = " ".join(argv)
-        if "switch-client" in argv:  # inside tmux on the jobs' server: no suspend needed
-            switched = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if switched.returncode == 0:
-                self.notify(f"switched to {job.session}; Ctrl-b L comes back here")
-            else:
-                self.notify(f"{command}: {switched.stderr.strip()}", severity="error")
-            return
-        try:
-            with self.suspend():
-                result = subprocess.run(argv, check=False)
-        except SuspendNotSupported:
-            self.notify(f"This terminal cannot hand over; run: {command}", severity="warning")
-            return
-        if result.returncode != 0:
-            self.notify(f"{command} exited with {result.returncode}", severity="error")
-        else:
-            self.notify(f"back from job {job.id}")
-        self.request_poll()
+        if job := self.selected_job():
+            message, severity = attach(self, job)
+            self._notify(message, severity)
+            self.request_poll()
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

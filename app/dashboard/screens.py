@@ -32,7 +32,7 @@ class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > Vertical {
-        width: 90; height: auto; border: thick $accent; background: $surface; padding: 1 2;
+        width: 100; height: auto; border: thick $accent; background: $surface; padding: 1 2;
     }
     """
 

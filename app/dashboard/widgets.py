@@ -22,7 +22,7 @@ from app.dashboard.model import Detail, GpuView
 from app.models import LineError
 
 #: Fixed widths keep updates from re-measuring columns; the last column takes the rest.
-JOB_WIDTHS = {"id": 5, "state": 15, "prio": 4, "script": 14, "env": 8, "model": 14,
+JOB_WIDTHS = {"id": 5, "state": 15, "prio": 4, "script": 16, "env": 10, "model": 18,
               "need": 8, "GPUs": 5, "time": 7, "exit": 4}  # fmt: skip
 
 
@@ -140,27 +140,27 @@ class DetailPane(Static):
         def field(name: str, value: str, style: str = "") -> None:
             grid.add_row(name, Text(value, style=style))
 
-        field("script", job.script)
-        field("env", job.conda_env or "(none)")
+        if job.reason:
+            field("reason", job.reason, "yellow")
+        if job.exit_code is not None:
+            field("exit code", str(job.exit_code), "bold red" if job.exit_code else "green")
         field("args", job.args or "(none)")
-        field("source", job.source or "-")
-        if job.command:
-            field("command", job.command)
         if job.session:
             field("session", job.session)
             if attach:
                 field("attach", attach, "cyan")
         field("log", job.log_path or "(not started)")
-        field("submitted", _when(job.submitted_at))
-        field("started", _when(job.started_at))
-        field("ended", _when(job.ended_at))
         if job.started_at:
             end = job.ended_at or now
             field("runtime", duration(end - job.started_at))
-        if job.exit_code is not None:
-            field("exit code", str(job.exit_code), "bold red" if job.exit_code else "green")
-        if job.reason:
-            field("reason", job.reason, "yellow")
+        field("submitted", _when(job.submitted_at))
+        field("started", _when(job.started_at))
+        field("ended", _when(job.ended_at))
+        field("script", job.script)
+        field("env", job.conda_env or "(none)")
+        field("source", job.source or "-")
+        if job.command:
+            field("command", job.command)
         for at, status, what in detail.history[-8:]:
             line = f"{status} — {what}" if what else status
             field(time.strftime("%H:%M:%S", time.localtime(at)), line)
@@ -168,9 +168,18 @@ class DetailPane(Static):
 
 
 class LogPane(Static):
-    """The live tail of the selected job: its pane while running, else its log file."""
+    """The live tail of the selected job: its pane while running, else its log file.
+
+    Shows the last lines that fit, so the newest output is always in view.
+    """
+
+    _detail: Detail | None = None
+
+    def on_resize(self) -> None:
+        self.show(self._detail)
 
     def show(self, detail: Detail | None) -> None:
+        self._detail = detail
         if detail is None or not detail.tail:
             what = "no output yet" if detail else "select a job to see its output"
             self.border_title = "log"
@@ -178,4 +187,5 @@ class LogPane(Static):
             return
         where = "tmux pane" if detail.tail_source == "pane" else detail.job.log_path or "log"
         self.border_title = f"#{detail.job.id} — {where}"
-        self.update(Text("\n".join(detail.tail)))
+        room = self.content_size.height or len(detail.tail)
+        self.update(Text("\n".join(detail.tail[-room:]), no_wrap=True, overflow="ellipsis"))
