@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="try gpusched on 4 simulated GPUs in a throw-away workspace")
     p.add_argument("--keep", action="store_true", help="keep the workspace afterwards")
     p.add_argument("--dir", type=Path, help="workspace directory (default: a new temp dir)")
+    p.add_argument("--tui", action="store_true", help="watch it in the live dashboard (q quits)")
     p.set_defaults(handler=cmd_demo)
     return parser
 
@@ -349,4 +350,4 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from app.demo import run_demo
 
-    return run_demo(workdir=args.dir, keep=args.keep)
+    return run_demo(workdir=args.dir, keep=args.keep, tui=args.tui)

@@ -66,7 +66,7 @@ def make_workspace(root: Path) -> Path:
     return root
 
 
-def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
+def run_demo(workdir: Path | None = None, keep: bool = False, tui: bool = False) -> int:
     if shutil.which("tmux") is None:
         print("gpusched demo needs tmux: sudo apt-get install tmux", file=sys.stderr)
         return 2
@@ -89,7 +89,12 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
     (root / "jobs.txt").write_text(JOBS)
     paths = state_paths(settings.state_dir)
     try:
-        _follow(paths.db, time.time())
+        if tui:
+            from app.dashboard.app import DashboardApp
+
+            DashboardApp(paths.ensure()).run()
+        else:
+            _follow(paths.db, time.time())
     finally:
         stop.set()
         thread.join(timeout=10)

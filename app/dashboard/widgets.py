@@ -23,7 +23,7 @@ from app.models import LineError
 
 #: Fixed widths keep updates from re-measuring columns; the last column takes the rest.
 JOB_WIDTHS = {"id": 5, "state": 15, "prio": 4, "script": 16, "env": 10, "model": 18,
-              "need": 8, "GPUs": 5, "time": 7, "exit": 4}  # fmt: skip
+              "need": 11, "GPUs": 5, "time": 7, "exit": 4}  # fmt: skip
 
 
 class KeyedTable(DataTable[str | Text]):
