@@ -36,6 +36,10 @@ def runner_for(runner_id: str) -> Runner:
     raise ActionError(f"unknown runner {runner_id!r}")
 
 
+#: How long SchedulerLock.acquire retries a busy lock before refusing.
+LOCK_GRACE_S = 0.5
+
+
 class SchedulerLock:
     """One scheduler per state directory: an flock held for the scheduler's whole life."""
 
@@ -46,15 +50,24 @@ class SchedulerLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            pid = read_pid(self.path)
-            raise AlreadyRunningError(
-                f"another gpusched scheduler (pid {pid}) is already running on state directory "
-                f"{self.path.parent}; stop it first or use another --state-dir"
-            ) from None
+        deadline = time.monotonic() + LOCK_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A scheduler holds the lock for its whole life; scheduler_pid() (status, the
+                # dashboard's poll) holds it shared for an instant. Refuse only a lock that
+                # stays busy.
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                os.close(fd)
+                pid = read_pid(self.path)
+                raise AlreadyRunningError(
+                    f"another gpusched scheduler (pid {pid or 'unknown'}) is already running on "
+                    f"state directory {self.path.parent}; stop it first or use another --state-dir"
+                ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

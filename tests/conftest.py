@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ def tmux_socket() -> Iterator[str]:
     name = f"gpusched_test_{uuid.uuid4().hex[:12]}"
     yield name
     subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True, check=False)
+    tmpdir = os.environ.get("TMUX_TMPDIR", "/tmp")
+    Path(tmpdir, f"tmux-{os.getuid()}", name).unlink(missing_ok=True)  # the socket file
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from app.control import AlreadyRunningError, scheduler_pid
+from app.control import AlreadyRunningError, read_pid, scheduler_pid
 from app.paths import StatePaths, state_paths
 from app.settings import Settings
 
@@ -42,7 +42,7 @@ def run_with_scheduler(settings: Settings, relaunch: Sequence[str]) -> int:
 
     thread = threading.Thread(target=scheduler, name="gpusched-scheduler", daemon=True)
     thread.start()
-    while thread.is_alive() and scheduler_pid(paths) != os.getpid():
+    while thread.is_alive() and read_pid(paths.lock) != os.getpid():
         thread.join(timeout=0.02)
     if failure:
         raise failure[0]
