@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
 
+from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -115,6 +116,7 @@ class DashboardApp(App[str]):
         yield Footer()
 
     def on_mount(self) -> None:
+        self.install_screen(HelpScreen(), name="help")
         self.query_one(JobTable).focus()
         self.request_poll()
         self.set_interval(self.poll_interval, self.request_poll)
@@ -164,7 +166,7 @@ class DashboardApp(App[str]):
         self.snapshot = snapshot
         self.polls += 1
         counts = snapshot.header.counts
-        self.query_one("#header", Static).update(header_text(snapshot.header, snapshot.now))
+        self._update_static("#header", header_text(snapshot.header, snapshot.now))
         self.query_one(GpuTable).show(snapshot.gpus)
         tabs = self.query_one(Tabs)
         for tab_id, (label, _) in VIEWS.items():
@@ -180,7 +182,7 @@ class DashboardApp(App[str]):
             )
             hint = f" matching '{text}'" if text else ""
             more = " — narrow with / to see the rest" if page.matching > len(page.rows) else ""
-            self.query_one("#shown", Static).update(f"{shown}{hint}{more}")
+            self._update_static("#shown", Text(f"{shown}{hint}{more}"))
         else:
             self._poll_again = True
         selected = self.selected_job_id()
@@ -195,6 +197,12 @@ class DashboardApp(App[str]):
         if self._poll_again:
             self._poll_again = False
             self.request_poll()
+
+    def _update_static(self, selector: str, text: Text) -> None:
+        """Update a Static only when its text changed: an unchanged poll repaints nothing."""
+        widget = self.query_one(selector, Static)
+        if widget.content != text:
+            widget.update(text)
 
     @staticmethod
     def _label(tabs: Tabs, tab_id: str, label: str) -> None:
@@ -224,8 +232,7 @@ class DashboardApp(App[str]):
         attach = ""
         if detail and detail.job.session and detail.job.status == JobState.RUNNING:
             attach = " ".join(attach_argv(detail.job))
-        now = self.snapshot.now if self.snapshot else self.clock()
-        self.query_one(DetailPane).show(detail, attach, now)
+        self.query_one(DetailPane).show(detail, attach)
         self.detail_shown = detail.job.id if detail else None
         self.query_one("#detail-box").border_title = f"job #{detail.job.id}" if detail else "job"
         self.query_one(LogPane).show(detail)
@@ -356,7 +363,7 @@ class DashboardApp(App[str]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            self.push_screen("help")  # installed once: reopening does not compose it again
 
     def action_quit_dashboard(self) -> None:
         if not self.embedded:
