@@ -153,6 +153,12 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
+    def metas(self, *keys: str) -> dict[str, str]:
+        """Several meta values in one query (absent keys are left out)."""
+        marks = ",".join("?" * len(keys))
+        rows = self.db.execute(f"SELECT key, value FROM meta WHERE key IN ({marks})", keys)
+        return {r[0]: r[1] for r in rows}
+
     def cursor_json(self, path: str) -> str | None:
         row = self.db.execute("SELECT cursor FROM file_cursors WHERE path = ?", (path,)).fetchone()
         return row[0] if row else None

@@ -10,6 +10,7 @@ import asyncio
 import io
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from textual.widgets import Static, Tabs
 from app.dashboard.app import DashboardApp
 from app.dashboard.screens import ConfirmScreen, HelpScreen, QuitScreen
 from app.dashboard.widgets import DetailPane, ErrorList, GpuTable, JobTable, LogPane
-from app.models import JobState
+from app.models import JobSpec, JobState
 from app.paths import StatePaths
 from app.service import serve
 from app.store import Store
@@ -335,16 +336,19 @@ def test_without_a_scheduler_it_says_so_and_actions_still_reach_the_database(
 ) -> None:
     paths = StatePaths(tmp_path / "state").ensure()
     store = Store(paths.db)
+    spec = JobSpec(0, "/w/t.py", "", "--llm [/oops] --tags [gpu]", None, "jobs.txt:1")
+    store.ingest("jobs.txt", "{}", Counter(), [], [spec], [], time.time())  # brackets: no markup
     store.set_meta({"gpus": '[{"name": "Old GPU", "memory_used_mb": 1024, '
                             '"memory_total_mb": 8192, "utilization": 0.5}]',
                     "gpus_at": str(time.time() - 120)})  # fmt: skip
 
     async def steps(app: DashboardApp, pilot: Pilot[str]) -> None:
-        await until(pilot, lambda: app.query_one(GpuTable).row_count == 1)
+        await until(pilot, lambda: app.query_one(GpuTable).row_count == 1 and 1 in rows(app))
+        assert rows(app)[1][5] == "[/oops]"
+        await until(pilot, lambda: app.detail_shown == 1)
+        assert "--tags [gpu]" in text_of(app.query_one(DetailPane))
         header = text_of(app.query_one("#header", Static))
         assert "scheduler not running" in header and "GPU figures from 2m00s ago" in header
-        await pilot.press("k")
-        await until(pilot, lambda: ("No job selected.", "warning") in notes(app))
         app.query_one(GpuTable).focus()
         await pilot.press("p")
         await until(pilot, lambda: store.paused() == {0})

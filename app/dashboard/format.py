@@ -46,6 +46,8 @@ def state_text(state: JobState) -> Text:
 
 def llm_model(args: str) -> str:
     """The job's `--llm` model, "" when it has none."""
+    if "--llm" not in args:
+        return ""
     try:
         words = shlex.split(args)
     except ValueError:
@@ -108,20 +110,24 @@ def job_info(job: Job) -> str:
     return ""
 
 
-def job_cells(job: Job, now: float) -> tuple[str | Text, ...]:
-    """One row of the jobs table, in JOB_COLUMNS order."""
+def job_cells(job: Job, now: float) -> tuple[Text, ...]:
+    """One row of the jobs table, in JOB_COLUMNS order.
+
+    Every cell is a Text: a plain str would be parsed as Rich markup, and a job's arguments
+    or reason may hold brackets (`--tags [gpu]`, or `[/x]`, which would not even parse).
+    """
     return (
-        str(job.id),
+        Text(str(job.id)),
         state_text(job.status),
-        str(job.priority),
-        job.script.rsplit("/", 1)[-1],
-        job.conda_env or "-",
-        llm_model(job.args) or "-",
-        requirement_text(job),
-        ",".join(map(str, job.gpus)) or "-",
-        job_time(job, now),
-        "" if job.exit_code is None else str(job.exit_code),
-        job_info(job),
+        Text(str(job.priority)),
+        Text(job.script.rsplit("/", 1)[-1]),
+        Text(job.conda_env or "-"),
+        Text(llm_model(job.args) or "-"),
+        Text(requirement_text(job)),
+        Text(",".join(map(str, job.gpus)) or "-"),
+        Text(job_time(job, now)),
+        Text("" if job.exit_code is None else str(job.exit_code)),
+        Text(job_info(job)),
     )
 
 
@@ -150,7 +156,7 @@ def sparkline(samples: Sequence[float], width: int = 20) -> Text:
 GPU_COLUMNS = ("GPU", "name", "memory", "used", "util", "history", "share", "jobs")
 
 
-def gpu_cells(gpu: GpuView) -> tuple[str | Text, ...]:
+def gpu_cells(gpu: GpuView) -> tuple[Text, ...]:
     total = max(gpu.memory_total_mb, 1)
     name = Text(gpu.name)
     if gpu.paused:
@@ -158,14 +164,14 @@ def gpu_cells(gpu: GpuView) -> tuple[str | Text, ...]:
     share = Text(f"{gpu.allocated:g}/1.0", style="bold" if gpu.allocated >= 1 else "")
     jobs = " ".join(f"#{j}" for j in gpu.jobs) or "-"
     return (
-        str(gpu.index),
+        Text(str(gpu.index)),
         name,
         bar(gpu.memory_used_mb / total),
-        f"{gpu.memory_used_mb / 1024:.1f}/{gpu.memory_total_mb / 1024:.0f}G",
-        f"{gpu.utilization * 100:3.0f}%",
+        Text(f"{gpu.memory_used_mb / 1024:.1f}/{gpu.memory_total_mb / 1024:.0f}G"),
+        Text(f"{gpu.utilization * 100:3.0f}%"),
         sparkline(gpu.history),
         share,
-        jobs,
+        Text(jobs),
     )
 
 

@@ -18,7 +18,7 @@ from app.dashboard.format import job_cells, job_time, search_text
 from app.models import JobState
 from app.store import Job
 
-Cells = tuple[str | Text, ...]
+Cells = tuple[Text, ...]
 Row = tuple[str, Cells]
 
 #: The tabs: id → (label, states shown; None = all).
@@ -52,6 +52,12 @@ def _order(view: str, job: Job) -> tuple[float, ...]:
     return (-job.id,)
 
 
+def _placement(job: Job) -> tuple[object, ...]:
+    """What decides whether and where a job appears in a tab (ordering and filter)."""
+    return (job.status, job.priority, job.seq, job.queued_at, job.started_at, job.ended_at,
+            job.args, job.reason, job.session)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Page:
     rows: tuple[Row, ...]
@@ -74,8 +80,12 @@ class JobList:
     def merge(self, changed: Iterable[Job]) -> None:
         with self._lock:
             for job in changed:
+                old = self.jobs.get(job.id)
                 self.jobs[job.id] = job
-                self._generation += 1
+                # Re-select a tab only when a job may enter, leave or move in it; other
+                # changes (a new pid, a reason) reach the rows through page() below.
+                if old is None or _placement(old) != _placement(job):
+                    self._generation += 1
 
     def page(self, view: str, text: str, now: float) -> Page:
         with self._lock:
@@ -83,7 +93,8 @@ class JobList:
             if key != self._last:
                 self._last = key
                 self._visible, self._matching = self._select(view, text.strip().lower())
-            return Page(tuple(self._row(job, now) for job in self._visible), self._matching)
+            rows = tuple(self._row(self.jobs[job.id], now) for job in self._visible)
+            return Page(rows, self._matching)
 
     def _select(self, view: str, text: str) -> tuple[list[Job], int]:
         states = VIEWS[view][1]
@@ -108,7 +119,7 @@ class JobList:
             self._cells[job.id] = cached
         cells = cached[1]
         when = job_time(job, now)
-        if cells[TIME_COLUMN] != when:
-            cells = (*cells[:TIME_COLUMN], when, *cells[TIME_COLUMN + 1 :])
+        if cells[TIME_COLUMN].plain != when:
+            cells = (*cells[:TIME_COLUMN], Text(when), *cells[TIME_COLUMN + 1 :])
             self._cells[job.id] = (job.rev, cells)
         return str(job.id), cells

@@ -101,28 +101,30 @@ class DashboardReader:
             if changed:
                 self._rev = max(self._rev, changed[-1].rev)  # in revision order
             running = store.jobs([JobState.RUNNING])
-            gpus = self._gpus(store, running)
+            meta = store.metas("started_at", "jobs_file", "backend", "probe_error", "gpus_at",
+                               "gpus")  # fmt: skip
+            gpus = self._gpus(store, running, meta.get("gpus"))
             header = Header(
                 scheduler_pid=scheduler_pid(self.paths),
-                started_at=_float(store.meta("started_at")),
+                started_at=_float(meta.get("started_at")),
                 state_dir=str(self.paths.root),
-                jobs_file=store.meta("jobs_file") or "",
-                backend=store.meta("backend") or "",
-                probe_error=store.meta("probe_error") or "",
-                gpus_at=_float(store.meta("gpus_at")),
+                jobs_file=meta.get("jobs_file", ""),
+                backend=meta.get("backend", ""),
+                probe_error=meta.get("probe_error", ""),
+                gpus_at=_float(meta.get("gpus_at")),
                 counts=store.counts(),
             )
             errors = tuple(store.line_errors())
         return Snapshot(header, gpus, tuple(changed), errors, self.clock())
 
-    def _gpus(self, store: Store, running: list[Job]) -> tuple[GpuView, ...]:
+    def _gpus(self, store: Store, running: list[Job], raw: str | None) -> tuple[GpuView, ...]:
         paused = store.paused()
         now = self.clock()
         sample = now - self._sampled_at >= 1.0
         if sample:
             self._sampled_at = now
         views = []
-        for index, gpu in enumerate(json.loads(store.meta("gpus") or "[]")):
+        for index, gpu in enumerate(json.loads(raw or "[]")):
             history = self._history.setdefault(index, deque(maxlen=HISTORY))
             if sample or not history:
                 history.append(float(gpu["utilization"]))

@@ -27,7 +27,7 @@ JOB_WIDTHS = {"id": 5, "state": 15, "prio": 4, "script": 16, "env": 10, "model":
               "need": 11, "GPUs": 5, "time": 7, "exit": 4}  # fmt: skip
 
 
-class KeyedTable(DataTable[str | Text]):
+class KeyedTable(DataTable[Text]):
     """A row-cursor table updated by diff: rows keyed by id, only changed cells rewritten."""
 
     def __init__(self, columns: Sequence[str], widths: dict[str, int], **kwargs: object) -> None:
@@ -54,7 +54,9 @@ class KeyedTable(DataTable[str | Text]):
         wanted = set(keys)
         gone = [key for key in self._shown if key not in wanted]
         structural = bool(gone)
-        if len(gone) > len(self._shown) // 2:  # mostly new rows (a tab switch): start afresh
+        # Many rows leaving (a tab switch, a narrower filter): start afresh, since each
+        # remove_row rebuilds the table's whole row index.
+        if len(gone) > min(64, len(self._shown) // 2):
             self.clear()
             self._shown.clear()
         else:
@@ -126,7 +128,12 @@ class GpuTable(KeyedTable):
 class ErrorList(Static):
     """Malformed lines of the jobs file: file:line: reason, newest last."""
 
+    _shown: tuple[LineError, ...] | None = None
+
     def show(self, errors: Sequence[LineError]) -> None:
+        if tuple(errors) == self._shown:
+            return
+        self._shown = tuple(errors)
         if not errors:
             self.update(Text("No malformed lines in the jobs file.", style="dim"))
             return
