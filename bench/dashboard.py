@@ -482,6 +482,15 @@ class CycleRecorder:
 
         reader.poll, joblist.merge, joblist.page = timed_poll, timed_merge, timed_page
         app._apply = timed_apply
+        show_jobs = app._show_jobs
+
+        def traced_show_jobs(page_: Any = None) -> None:
+            # A tab switch or a filter key shows its rows at once from the jobs in memory
+            # (no poll): those rows count as applied too.
+            show_jobs(page_)
+            probe.applied = (app.view, app.filter_text)
+
+        app._show_jobs = traced_show_jobs
 
     def _attach_tables(self) -> None:
         from app.dashboard.widgets import GpuTable, JobTable
@@ -572,7 +581,7 @@ class SizeResult:
 
 
 def rows_shown(app: Any, probe: FrameProbe, view: str, text: str, want: list[str]) -> Condition:
-    """The jobs table shows exactly `want` for (view, text), applied from a finished poll."""
+    """The jobs table shows exactly `want` for (view, text), applied (by a poll or at once)."""
 
     def ready(screen: Any) -> bool:
         from app.dashboard.widgets import JobTable

@@ -123,6 +123,9 @@ class DashboardApp(App[str]):
         # switch interval it then waits behind every frame the UI thread renders (bench/
         # dashboard.py: a poll's 3 ms of work took 200 ms of wall time). 1 ms fixes that.
         sys.setswitchinterval(0.001)
+        # No animations: the tabs' sliding underline repaints for 0.3 s after every switch,
+        # competing with the new rows for the UI thread; nothing here needs to move.
+        self.animation_level = "none"
         self.install_screen(HelpScreen(), name="help")
         self.query_one(JobTable).focus()
         self.request_poll()
@@ -180,18 +183,10 @@ class DashboardApp(App[str]):
             self._label(tabs, tab_id, f"{label} {view_count(tab_id, counts)}")
         self._label(tabs, "errors-tab", f"Errors {len(snapshot.errors)}")
         self.query_one(ErrorList).show(snapshot.errors)
-        if (view, text) == (self.view, self.filter_text) and view in VIEWS:
-            self.query_one(JobTable).apply(page.rows)
-            shown = (
-                f"{len(page.rows):,} of {page.matching:,} shown"
-                if page.matching > len(page.rows)
-                else f"{page.matching:,} jobs"
-            )
-            hint = f" matching '{text}'" if text else ""
-            more = " — narrow with / to see the rest" if page.matching > len(page.rows) else ""
-            self._update_static("#shown", Text(f"{shown}{hint}{more}"))
-        else:
-            self._poll_again = True
+        if (view, text) == (self.view, self.filter_text):
+            self._show_jobs(page)
+        else:  # the tab or filter changed while the worker ran: redo the page for them
+            self._show_jobs()
         selected = self.selected_job_id()
         changed = {job.id for job in snapshot.changed}
         job = self.joblist.jobs.get(selected) if selected is not None else None
@@ -205,11 +200,37 @@ class DashboardApp(App[str]):
             self._poll_again = False
             self.request_poll()
 
+    def _show_jobs(self, page: Page | None = None) -> None:
+        """Show the current tab's rows. Without a page, it is built here from the jobs in
+        memory (no database read): a tab switch or a filter key needs no worker round trip."""
+        if self.view not in VIEWS:
+            return
+        text = self.filter_text
+        if page is None:
+            now = self.snapshot.now if self.snapshot else self.clock()
+            page = self.joblist.page(self.view, text, now)
+        self.query_one(JobTable).apply(page.rows)
+        capped = page.matching > len(page.rows)
+        shown = (
+            f"{len(page.rows):,} of {page.matching:,} shown"
+            if capped
+            else (f"{page.matching:,} job{'s' if page.matching != 1 else ''}")
+        )
+        hint = f" matching '{text}'" if text else ""
+        more = " — narrow with / to see the rest" if capped else ""
+        self._update_static("#shown", Text(f"{shown}{hint}{more}"))
+
     def _update_static(self, selector: str, text: Text) -> None:
-        """Update a Static only when its text changed: an unchanged poll repaints nothing."""
+        """Update a Static only when its text changed: an unchanged poll repaints nothing.
+
+        A layout pass re-renders the whole screen (~50 ms on a big table), so it is asked for
+        only when the text's number of lines changed (the header's probe-error line)."""
         widget = self.query_one(selector, Static)
-        if widget.content != text:
-            widget.update(text)
+        old = widget.content
+        if old != text:
+            lines = text.plain.count("\n")
+            same_height = isinstance(old, Text) and old.plain.count("\n") == lines
+            widget.update(text, layout=not same_height)
 
     @staticmethod
     def _label(tabs: Tabs, tab_id: str, label: str) -> None:
@@ -259,7 +280,8 @@ class DashboardApp(App[str]):
         self.view = "errors" if tab_id == "errors-tab" else tab_id
         switcher = self.query_one(ContentSwitcher)
         switcher.current = "errors" if self.view == "errors" else "jobs"
-        self.request_poll()
+        self._show_jobs()
+        self.request_detail()
 
     # ---- selection ------------------------------------------------------------------------
 
@@ -348,7 +370,7 @@ class DashboardApp(App[str]):
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.filter_text = event.value
-        self.request_poll()
+        self._show_jobs()
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self) -> None:
@@ -360,7 +382,7 @@ class DashboardApp(App[str]):
         box.remove_class("shown")
         self.filter_text = ""
         self.query_one(JobTable).focus()
-        self.request_poll()
+        self._show_jobs()
 
     def action_tab(self, tab_id: str) -> None:
         self.query_one(Tabs).active = "errors-tab" if tab_id == "errors" else tab_id

@@ -221,4 +221,5 @@ class LogPane(Static):
         where = "tmux pane" if detail.tail_source == "pane" else detail.job.log_path or "log"
         self.border_title = f"#{detail.job.id} — {where}"
         room = self.content_size.height or len(detail.tail)
-        self.update(Text("\n".join(detail.tail[-room:]), no_wrap=True, overflow="ellipsis"))
+        tail = Text("\n".join(detail.tail[-room:]), no_wrap=True, overflow="ellipsis")
+        self.update(tail, layout=False)  # a fixed-size pane: no layout pass
