@@ -1020,7 +1020,11 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
         "rows), and the jobs table's deferred dimension update (`_update_dimensions`, run on "
         "idle after rows were added; Textual's own measures every cell of every new row). The "
         "rest is Textual's own work (message passing, layout, rendering frames, the frame "
-        "timer) and threads waiting for the GIL.",
+        "timer) and threads waiting for the GIL. Tab switches and filter keys do not wait "
+        "for a poll: their rows are built at once in the UI thread from the jobs already in "
+        "memory (`DashboardApp._show_jobs`), so their poll and `_apply` columns read 0; the "
+        "time is Textual replacing the table's rows and laying out and repainting the screen, "
+        "which is why it hardly depends on the number of jobs.",
         "",
         "| key | jobs | total | poll worker | `_apply` | of which `JobTable.apply` | "
         "dimension update | rows added / removed per press |",
