@@ -66,6 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib
+from benchlib import kill_server, machine_base, stats_ms
+
 # Serve frames as to a truecolor terminal (Textual reads this when it is first imported).
 os.environ.setdefault("TEXTUAL_COLOR_SYSTEM", "truecolor")
 
@@ -94,26 +98,6 @@ REASONS = (
     "needs 0.5 GPU with 20000 MB free: GPUs 0-3 share 1.0/1.0 in use; GPUs 4-7 has 9000 MB free",
     "needs 2 GPUs with nothing of ours on them, 0 available (GPUs 0-7 share in use)",
 )
-
-
-# ---- statistics -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stats:
-    n: int
-    median: float
-    p95: float
-    low: float
-    high: float
-
-
-def stats_ms(values_s: Sequence[float]) -> Stats:
-    ms = sorted(v * 1000 for v in values_s)
-    if not ms:
-        raise ValueError("no samples")
-    p95 = ms[0] if len(ms) == 1 else statistics.quantiles(ms, n=20, method="inclusive")[18]
-    return Stats(len(ms), statistics.median(ms), p95, ms[0], ms[-1])
 
 
 # ---- the state directory ----------------------------------------------------------------------
@@ -281,14 +265,6 @@ def start_sessions(socket: str, names: Iterable[str]) -> None:
     for name in names:
         subprocess.run(["tmux", "-L", socket, "new-session", "-d", "-s", name, "-x", "120",
                         "-y", "40", "sh", "-c", loop], check=True)  # fmt: skip
-
-
-def kill_server(socket: str | None) -> None:
-    if socket is None:
-        return
-    subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
-    tmpdir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-    (tmpdir / socket).unlink(missing_ok=True)
 
 
 def expected_keys(db: Path, now: float) -> dict[tuple[str, str], list[str]]:
@@ -888,25 +864,12 @@ class CpuMeter:
 def machine() -> dict[str, str]:
     import importlib.metadata as md
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    os_name = platform.platform()
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = f"{line.split('=', 1)[1].strip(chr(34))}, kernel {platform.release()}"
     return {
-        "CPU": cpu,
-        "cores": str(os.cpu_count()),
+        **machine_base(),
         "Python": platform.python_version(),
         "Textual": md.version("textual"),
         "Rich": md.version("rich"),
         "SQLite": sqlite3.sqlite_version,
-        "OS": os_name,
     }
 
 
@@ -1105,18 +1068,7 @@ def steady_verdict(total: Counter[str]) -> str:
 
 
 def write_section(out: Path, section: str) -> None:
-    if out.exists():
-        text = out.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Benchmarks\n\n" + section + "\n"
-    out.write_text(text)
+    benchlib.write_section(out, section, BEGIN, END, "# Benchmarks\n\n")
 
 
 @contextlib.contextmanager

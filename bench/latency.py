@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib
+from benchlib import Stats, kill_server, machine_base, stats_ms
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- latency:begin -->"
@@ -126,36 +129,12 @@ def read_times(path: Path) -> tuple[float, float]:
     return float(first), float(last)
 
 
-def kill_server(socket: str) -> None:
-    subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, check=False)
-    # tmux leaves the socket file behind: remove ours (best effort).
-    tmpdir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-    (tmpdir / socket).unlink(missing_ok=True)
-
-
 def keeper(socket: str) -> None:
     """A long-lived non-job session, so the tmux server is not torn down between jobs."""
     subprocess.run(
         ["tmux", "-L", socket, "new-session", "-d", "-s", "bench_keeper", "sleep", "86400"],
         check=True,
     )
-
-
-@dataclass(frozen=True)
-class Stats:
-    n: int
-    median: float
-    p95: float
-    low: float
-    high: float
-
-
-def stats_ms(values_s: Sequence[float]) -> Stats:
-    ms = sorted(v * 1000 for v in values_s)
-    if not ms:
-        raise ValueError("no samples")
-    p95 = ms[0] if len(ms) == 1 else statistics.quantiles(ms, n=20, method="inclusive")[18]
-    return Stats(len(ms), statistics.median(ms), p95, ms[0], ms[-1])
 
 
 # ---- a scheduler subprocess ------------------------------------------------------------------
@@ -426,28 +405,11 @@ def measure_context(work: Path, script: Path, original_path: str, samples: int) 
 
 
 def machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    os_name = platform.platform()
-    try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                os_name = f"{line.split('=', 1)[1].strip(chr(34))}, kernel {platform.release()}"
-    except OSError:
-        pass
     tmux = subprocess.run(["tmux", "-V"], capture_output=True, text=True, check=False)
     return {
-        "CPU": cpu,
-        "cores": str(os.cpu_count()),
+        **machine_base(),
         "Python": f"{platform.python_version()} ({sys.executable})",
         "tmux": tmux.stdout.strip() or "unknown",
-        "OS": os_name,
     }
 
 
@@ -570,18 +532,7 @@ def render(
 
 
 def write_section(out: Path, section: str) -> None:
-    if out.exists():
-        text = out.read_text()
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = head + section + tail
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        text = INTRO + section + "\n"
-    out.write_text(text)
+    benchlib.write_section(out, section, BEGIN, END, INTRO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
