@@ -66,21 +66,26 @@ def make_workspace(root: Path) -> Path:
     return root
 
 
-def run_demo(workdir: Path | None = None, keep: bool = False, tui: bool = False) -> int:
-    if shutil.which("tmux") is None:
-        print("gpusched demo needs tmux: sudo apt-get install tmux", file=sys.stderr)
-        return 2
-    root = make_workspace(workdir or Path(tempfile.mkdtemp(prefix="gpusched-demo-")))
-    socket = f"gpusched-demo-{os.getpid()}"
-    settings = Settings(
+def demo_settings(root: Path, socket: str, ramp_up: float) -> Settings:
+    """A scheduler on the workspace's files, its 4 simulated GPUs and a private tmux server."""
+    return Settings(
         jobs_file=root / "jobs.txt",
         llm_config=root / "llm_config.json",
         state_dir=root / "state",
         gpu_backend="fake",
         fake_gpus=root / "fake_gpus.json",
         tmux_socket=socket,
-        ramp_up=2.0,
+        ramp_up=ramp_up,
     ).validate()
+
+
+def run_demo(workdir: Path | None = None, keep: bool = False, tui: bool = False) -> int:
+    if shutil.which("tmux") is None:
+        print("gpusched demo needs tmux: sudo apt-get install tmux", file=sys.stderr)
+        return 2
+    root = make_workspace(workdir or Path(tempfile.mkdtemp(prefix="gpusched-demo-")))
+    socket = f"gpusched-demo-{os.getpid()}"
+    settings = demo_settings(root, socket, ramp_up=2.0)
     print(f"workspace {root}: 4 simulated GPUs, private tmux server `tmux -L {socket}`")
     print(f"appending {JOBS.count(chr(10)) - 1} lines to {settings.jobs_file} ...\n")
     stop = threading.Event()

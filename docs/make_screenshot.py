@@ -22,11 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.dashboard.app import DashboardApp
-from app.demo import make_workspace
+from app.demo import demo_settings, make_workspace
 from app.gpus.fake import update_fake_gpu
 from app.paths import state_paths
 from app.service import serve
-from app.settings import Settings
 from app.store import Store
 
 JOBS = """\
@@ -44,15 +43,7 @@ OUT = Path(__file__).resolve().parent / "images" / "dashboard.svg"
 def main() -> None:
     root = make_workspace(Path(tempfile.mkdtemp(prefix="gpusched-shot-")))
     socket = f"gpusched-shot-{os.getpid()}"
-    settings = Settings(
-        jobs_file=root / "jobs.txt",
-        llm_config=root / "llm_config.json",
-        state_dir=root / "state",
-        gpu_backend="fake",
-        fake_gpus=root / "fake_gpus.json",
-        tmux_socket=socket,
-        ramp_up=0.0,
-    ).validate()
+    settings = demo_settings(root, socket, ramp_up=0.0)
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(settings, stop, False), daemon=True)
     thread.start()
