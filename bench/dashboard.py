@@ -19,8 +19,8 @@ headless in this process (`App.run_test(size=(160, 45))`, its default 0.5 s poll
    and takes the end of the first frame in which (a) the key's effect is in the widgets' state
    (the cursor row; the rows of a finished poll for the new tab or filter text, compared with
    the rows an independent `JobList` computes from the database; the help screen laid out) and
-   (b) no repaint or layout of the widgets concerned is still pending (refresh flags, the
-   DataTable's deferred dimension update, Update/Layout messages queued on the screen).
+   (b) no repaint or layout of the widgets concerned is still pending (refresh flags,
+   Update/Layout messages queued on the screen).
    Keys are pressed one at a time once the app has settled (no worker running, nothing to
    repaint, no frame for 30 ms); the 0.5 s background poll keeps running, as it does for a
    user. --repeats presses per key kind; the filter is exercised in a third as many rounds of
@@ -31,8 +31,8 @@ headless in this process (`App.run_test(size=(160, 45))`, its default 0.5 s poll
    any write does) and rewrites the GPU snapshot once a second, for --steady seconds on the
    Queue tab and on the Running tab. Each poll cycle is timed in its worker part
    (`DashboardReader.poll`, `JobList.merge`, `JobList.page`) and its UI part
-   (`DashboardApp._apply`, of which `JobTable.apply`), and the tables' `add_row` / `remove_row`
-   / `clear` / `sort` / `update_cell` calls are counted.
+   (`DashboardApp._apply`, of which `JobTable.apply`); rows added to, removed from and
+   re-ordered in the tables, and rows re-rendered into lines, are counted.
 
 All instrumentation is instance attributes set on the app, its reader, job list and tables
 inside this process; nothing under app/ is modified. The Markdown section between the dashboard
@@ -342,15 +342,10 @@ class FrameProbe:
 def pending(screen: Any, widgets: Iterable[Any]) -> bool:
     """Whether a repaint or layout of `widgets` is still on its way to the screen."""
     from textual import messages
-    from textual.widgets import DataTable
 
     watched = set(widgets)
     for widget in watched:
         if widget._repaint_required or widget._layout_required or widget._scroll_required:
-            return True
-        if isinstance(widget, DataTable) and (
-            widget._require_update_dimensions or widget._new_rows or widget._updated_cells
-        ):
             return True
     queue = screen._message_queue  # textual._queue.Queue keeps its messages in `values`
     for message in list(getattr(queue, "values", None) or getattr(queue, "_queue", ())):
@@ -361,26 +356,32 @@ def pending(screen: Any, widgets: Iterable[Any]) -> bool:
     return False
 
 
-TABLE_CALLS = ("add_row", "remove_row", "clear", "sort", "update_cell")
-STRUCTURAL = ("add_row", "remove_row", "clear", "sort")
+STRUCTURAL = ("added", "removed", "reordered")
 
 
-class CallCounter:
-    """Counts calls of a widget's methods (instance attributes shadowing the class's)."""
+class TableCounter:
+    """Counts what a `RowTable.apply` changed (rows added, removed, re-ordered) by wrapping the
+    instance's `apply`, and reads the table's count of rows rendered into lines."""
 
-    def __init__(self, widget: Any, names: Sequence[str]) -> None:
+    def __init__(self, table: Any) -> None:
+        self.table = table
         self.counts: Counter[str] = Counter()
-        for name in names:
-            original = getattr(widget, name)
+        apply = table.apply
 
-            def counted(*args: Any, _name: str = name, _fn: Any = original, **kw: Any) -> Any:
-                self.counts[_name] += 1
-                return _fn(*args, **kw)
+        def counted(rows: Any) -> bool:
+            order = table.keys
+            result = bool(apply(rows))
+            before, after = set(order), set(table.keys)
+            self.counts["added"] += len(after - before)
+            self.counts["removed"] += len(before - after)
+            if before == after and table.keys != order:
+                self.counts["reordered"] += 1
+            return result
 
-            setattr(widget, name, counted)
+        table.apply = counted
 
     def snapshot(self) -> Counter[str]:
-        return Counter(self.counts)
+        return Counter({**self.counts, "rendered": self.table.rendered})
 
 
 @dataclass
@@ -410,9 +411,9 @@ class CycleRecorder:
     def __init__(self, app: Any, probe: FrameProbe) -> None:
         self.app = app
         self.log: list[Cycle] = []
-        self.dims: list[tuple[float, float]] = []  # (start, seconds)
-        self.jobs: CallCounter | None = None
-        self.gpus: CallCounter | None = None
+        self.renders: list[tuple[float, float]] = []  # (start, seconds) of jobs table lines
+        self.jobs: TableCounter | None = None
+        self.gpus: TableCounter | None = None
         self._current = Cycle()
         self._table_s = 0.0
         reader, joblist = app.reader, app.joblist
@@ -472,9 +473,7 @@ class CycleRecorder:
         from app.dashboard.widgets import GpuTable, JobTable
 
         table = self.app.query_one(JobTable)
-        self.jobs = CallCounter(table, TABLE_CALLS)
-        self.gpus = CallCounter(self.app.query_one(GpuTable), TABLE_CALLS)
-        apply, dimensions = table.apply, table._update_dimensions
+        apply, render_line = table.apply, table.render_line
 
         def timed_apply(rows: Any) -> bool:
             t0 = time.perf_counter()
@@ -483,14 +482,17 @@ class CycleRecorder:
             finally:
                 self._table_s += time.perf_counter() - t0
 
-        def timed_dimensions(new_rows: Any) -> None:
+        def timed_render_line(y: int) -> Any:
             t0 = time.perf_counter()
             try:
-                dimensions(new_rows)
+                return render_line(y)
             finally:
-                self.dims.append((t0, time.perf_counter() - t0))
+                self.renders.append((t0, time.perf_counter() - t0))
 
-        table.apply, table._update_dimensions = timed_apply, timed_dimensions
+        table.apply, table.render_line = timed_apply, timed_render_line
+        # Counting wraps the timed apply, so its own bookkeeping stays out of `table_s`.
+        self.jobs = TableCounter(table)
+        self.gpus = TableCounter(self.app.query_one(GpuTable))
 
     def jobs_calls(self) -> Counter[str]:
         return self.jobs.snapshot() if self.jobs is not None else Counter()
@@ -537,7 +539,7 @@ class Phases:
     worker: float  # poll worker(s): DashboardReader.poll + JobList.merge + JobList.page
     ui: float  # DashboardApp._apply in the UI thread
     table: float  # of which JobTable.apply
-    dims: float  # the DataTable's deferred dimension update (on idle, after the rows changed)
+    render: float  # the jobs table rendering its lines (cached rows: a lookup and a style)
 
 
 @dataclass
@@ -638,7 +640,7 @@ class Bench:
             worker=sum(c.worker_s for c in cycles),
             ui=sum(c.ui_s for c in cycles),
             table=sum(c.table_s for c in cycles),
-            dims=sum(d for start, d in self.recorder.dims if t0 <= start <= end),
+            render=sum(d for start, d in self.recorder.renders if t0 <= start <= end),
         ))  # fmt: skip
 
     async def cursor(self, repeats: int) -> None:
@@ -930,11 +932,11 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
         "rows of a finished poll for that tab and filter text, compared with the rows an "
         "independent `JobList` computes from the database; the help screen with all its widgets "
         "laid out) and no repaint or layout of those widgets is still pending (their refresh "
-        "flags, the DataTable's deferred dimension update, `Update`/`Layout` messages queued on "
-        "the screen). Keys are pressed one at a time once the app has settled (no worker "
-        "running, nothing left to repaint, no frame for 30 ms). During the run stdin is a "
-        "pseudo-terminal of the app's size, so "
-        "Rich's terminal-size lookups (one per cell measured) cost what they cost in a terminal. "
+        "flags, `Update`/`Layout` messages queued on the screen). Keys are pressed one at a "
+        "time once the app has settled (no worker running, nothing left to repaint, no frame "
+        "for 30 ms). During the run stdin is a pseudo-terminal of the app's size, so "
+        "Rich's terminal-size lookups (one per cell rendered) cost what they cost in a "
+        "terminal. "
         "Cells: median / p95 ms (n samples).",
         "",
         "| key | " + " | ".join(f"{r.n:,} jobs" for r in results) + " |",
@@ -980,8 +982,8 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
         "(`DashboardReader.poll` + `JobList.merge` + `JobList.page`, worker thread, wall time: "
         "it includes waiting for the GIL while the UI thread renders), the UI "
         "thread's `DashboardApp._apply`, of which `JobTable.apply` (adding, removing, updating "
-        "rows), and the jobs table's deferred dimension update (`_update_dimensions`, run on "
-        "idle after rows were added; Textual's own measures every cell of every new row). The "
+        "rows), and the jobs table rendering its lines (`RowTable.render_line`: a row is "
+        "rendered into a cached strip once, then each repaint is a lookup and a style). The "
         "rest is Textual's own work (message passing, layout, rendering frames, the frame "
         "timer) and threads waiting for the GIL. Tab switches and filter keys do not wait "
         "for a poll: their rows are built at once in the UI thread from the jobs already in "
@@ -990,8 +992,8 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
         "which is why it hardly depends on the number of jobs.",
         "",
         "| key | jobs | total | poll worker | `_apply` | of which `JobTable.apply` | "
-        "dimension update | rows added / removed per press |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "line rendering | rows added / removed per press | rows rendered per press |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("tab", "char", "clear"):
         for r in results:
@@ -999,12 +1001,13 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
             if not phases:
                 continue
             parts = [statistics.median(getattr(p, name) for p in phases) * 1000
-                     for name in ("total", "worker", "ui", "table", "dims")]  # fmt: skip
+                     for name in ("total", "worker", "ui", "table", "render")]  # fmt: skip
             calls, n = r.key_calls[kind], len(phases)
             lines.append(
                 f"| {LABEL[kind]} | {r.n:,} | "
                 + " | ".join(f"{v:.1f}" for v in parts)
-                + f" | {calls['add_row'] / n:.0f} / {calls['remove_row'] / n:.0f} |"
+                + f" | {calls['added'] / n:.0f} / {calls['removed'] / n:.0f} | "
+                f"{calls['rendered'] / n:.0f} |"
             )
     lines += [
         "",
@@ -1015,14 +1018,14 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
         "dashboard polls every 0.5 s, on the Queue tab and then on the Running tab. Counted are "
         "the poll cycles that brought changed jobs. Worker = `DashboardReader.poll` + "
         "`JobList.merge` + `JobList.page` (worker thread, wall time); UI = "
-        "`DashboardApp._apply` (UI thread), of which `JobTable.apply`: median / p95 ms. Table "
-        "calls are counted by wrapping the tables' methods inside the bench process: rows added, "
-        "removed, cleared and re-sorted are totals over those cycles, cell updates are per cycle "
-        "(median / max).",
+        "`DashboardApp._apply` (UI thread), of which `JobTable.apply`: median / p95 ms. Rows "
+        "added, removed and re-ordered are counted by wrapping the tables' `apply` inside the "
+        "bench process, as totals over those cycles; rows re-rendered into lines (a row whose "
+        "cells changed) are per cycle (median / max).",
         "",
         "| jobs | tab | rows shown | cycles | changed jobs | worker ms | UI ms | "
-        "of which jobs table ms | jobs table: added / removed / cleared / sorted | "
-        "jobs cells updated | GPU cells updated |",
+        "of which jobs table ms | jobs table: added / removed / re-ordered | "
+        "jobs rows re-rendered | GPU rows re-rendered |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     total = Counter[str]()
@@ -1042,8 +1045,8 @@ def render(results: Sequence[SizeResult], command: str, took: float) -> str:
                 f"{worker.median:.1f} / {worker.p95:.1f} | {ui.median:.1f} / {ui.p95:.1f} | "
                 f"{table.median:.1f} / {table.p95:.1f} | "
                 + " / ".join(str(calls[k]) for k in STRUCTURAL)
-                + f" | {median_max([c.jobs_calls['update_cell'] for c in cycles])} | "
-                f"{median_max([c.gpu_calls['update_cell'] for c in cycles])} |"
+                + f" | {median_max([c.jobs_calls['rendered'] for c in cycles])} | "
+                f"{median_max([c.gpu_calls['rendered'] for c in cycles])} |"
             )
     lines += ["", "Result: " + steady_verdict(total), "", END]
     return "\n".join(lines)
@@ -1057,8 +1060,8 @@ def shown_rows(r: SizeResult, view: str, cap: int) -> int:
 def steady_verdict(total: Counter[str]) -> str:
     if not sum(total.values()):
         return (
-            "in these cycles the jobs table never added, removed, cleared or re-sorted a row: "
-            "updates of running jobs rewrite only the cells that changed."
+            "in these cycles the jobs table never added, removed or re-ordered a row: "
+            "updates of running jobs re-render only the rows that changed."
         )
     return (
         "in these cycles the jobs table was rebuilt in part: "
@@ -1075,8 +1078,8 @@ def write_section(out: Path, section: str) -> None:
 def terminal_stdin(columns: int, rows: int) -> Iterator[None]:
     """Make fd 0 a pseudo-terminal of the app's size for the duration.
 
-    Rich asks for the terminal's size whenever it measures (`Console.size`, reached once per
-    cell by the DataTable): in a terminal the first `os.get_terminal_size` (stdin) answers; with
+    Rich asks for the terminal's size whenever it measures (`Console.size`, reached when a
+    cell is rendered): in a terminal the first `os.get_terminal_size` (stdin) answers; with
     no terminal at all (pipes, CI) it tries stdin, stdout and stderr and all three fail, which
     makes every measurement dearer than it is for a user.
     """
@@ -1140,11 +1143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for view in result.steady:
                 cycles = steady_cycles(result, view)
                 calls = structural_calls(cycles)
-                cells = sum(c.jobs_calls["update_cell"] for c in cycles)
+                cells = sum(c.jobs_calls["rendered"] for c in cycles)
                 verdict = "OK, no rebuild" if not sum(calls.values()) else "TABLE REBUILT"
-                print(f"  steady {view}: {len(cycles)} cycles, rows added/removed/cleared/"
-                      f"sorted {'/'.join(str(calls[k]) for k in STRUCTURAL)}, "
-                      f"cells updated {cells}: {verdict}", flush=True)  # fmt: skip
+                print(f"  steady {view}: {len(cycles)} cycles, rows added/removed/re-ordered "
+                      f"{'/'.join(str(calls[k]) for k in STRUCTURAL)}, "
+                      f"rows re-rendered {cells}: {verdict}", flush=True)  # fmt: skip
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -94,10 +94,7 @@ def text_of(widget: Static) -> str:
 
 def rows(app: DashboardApp) -> dict[int, list[str]]:
     table = app.query_one(JobTable)
-    return {
-        int(str(row.key.value)): [str(c) for c in table.get_row(row.key)]
-        for row in table.ordered_rows
-    }
+    return {int(key): [str(c) for c in table.get_row(key)] for key in table.keys}
 
 
 def notes(app: DashboardApp) -> list[tuple[str, str]]:
@@ -132,7 +129,7 @@ def test_shows_scheduler_gpus_jobs_and_malformed_lines(scene: Scene) -> None:
         assert "2 running" in header and "1 pending" in header
         gpus = app.query_one(GpuTable)
         assert gpus.row_count == 2
-        shares = {str(gpus.get_row(k.key)[6]) for k in gpus.ordered_rows}
+        shares = {str(gpus.get_row(k)[6]) for k in gpus.keys}
         assert shares == {"0.5/1.0", "1/1.0"}
         assert tab_labels(app)[:5] == ["Queue 1", "Running 2", "Done 0", "Failed 0", "All 3"]
         queued = rows(app)[3]  # the Queue tab: the waiting job with its reason

@@ -18,7 +18,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import ContentSwitcher, DataTable, Footer, Input, Static, Tab, Tabs
+from textual.widgets import ContentSwitcher, Footer, Input, Static, Tab, Tabs
 
 from app.dashboard.actions import JobActions
 from app.dashboard.attach import attach_argv
@@ -44,6 +44,9 @@ class DashboardApp(JobActions):
     #filter { display: none; }
     #filter.shown { display: block; }
     #switcher { height: 3fr; }
+    /* A fixed height and a scrollbar that is always there: a new row count (a tab switch,
+       a filter key) then needs no layout pass, which would repaint the whole screen. */
+    #jobs { height: 100%; overflow-y: scroll; }
     /* A scrollbar appearing would narrow the table and force a second full repaint. */
     JobTable, #detail-box { scrollbar-gutter: stable; }
     #errors { padding: 0 1; }
@@ -262,12 +265,12 @@ class DashboardApp(JobActions):
         self.query_one("#detail-box").border_title = f"job #{detail.job.id}" if detail else "job"
         self.query_one(LogPane).show(detail)
 
-    @on(DataTable.RowHighlighted, "#jobs")
+    @on(JobTable.RowHighlighted, "#jobs")
     def _job_highlighted(self) -> None:
         if self.selected_job_id() != self._detail_for:
             self.request_detail()
 
-    @on(DataTable.RowSelected, "#jobs")
+    @on(JobTable.RowSelected, "#jobs")
     def _job_selected(self) -> None:
         self.action_attach()
 

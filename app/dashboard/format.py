@@ -12,6 +12,10 @@ from app.dashboard.model import GpuView, Header
 from app.models import JobState
 from app.store import Job
 
+#: One table row: its key and one Text per column.
+Cells = tuple[Text, ...]
+Row = tuple[str, Cells]
+
 #: State → (symbol, style). The symbol carries the meaning without colour too.
 STATE_LOOK = {
     JobState.PENDING: ("◌", "yellow"),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
-from textual.widgets import DataTable, Static
-from textual.widgets.data_table import ColumnKey, RowKey
+from textual.widgets import Static
 
 from app.dashboard.format import (
     GPU_COLUMNS,
@@ -18,103 +17,27 @@ from app.dashboard.format import (
     gpu_cells,
     state_text,
 )
-from app.dashboard.joblist import Cells, Row
 from app.dashboard.model import Detail, GpuView
+from app.dashboard.rowtable import RowTable
 from app.models import LineError
 
-#: Fixed widths keep updates from re-measuring columns; the last column takes the rest.
+#: Column widths; the last column (info for jobs, jobs for GPUs) takes what is left.
 JOB_WIDTHS = {"id": 5, "state": 15, "prio": 4, "script": 16, "env": 10, "model": 18,
-              "need": 11, "GPUs": 5, "time": 7, "exit": 4}  # fmt: skip
+              "need": 11, "GPUs": 5, "time": 7, "exit": 4, "info": 20}  # fmt: skip
+GPU_WIDTHS = {"GPU": 3, "name": 24, "memory": 12, "used": 10, "util": 4, "history": 20,
+              "share": 7, "jobs": 10}  # fmt: skip
 
 
-class KeyedTable(DataTable[Text]):
-    """A row-cursor table updated by diff: rows keyed by id, only changed cells rewritten."""
+class JobTable(RowTable):
+    """The jobs table of the current tab."""
 
-    def __init__(self, columns: Sequence[str], widths: dict[str, int], **kwargs: object) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
-        self._columns = tuple(columns)
-        self._widths = widths
-        self._shown: dict[str, Cells] = {}
-        self._order: list[str] = []
-
-    def on_mount(self) -> None:
-        for name in self._columns:
-            self.add_column(name, key=name, width=self._widths.get(name))
-
-    @property
-    def selected_key(self) -> str | None:
-        if not self._order or not 0 <= self.cursor_row < len(self._order):
-            return None
-        return str(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
-
-    def apply(self, rows: Sequence[Row]) -> bool:
-        """Make the table show `rows` in order; True when rows were added, removed or moved."""
-        selected = self.selected_key
-        keys = [key for key, _ in rows]
-        wanted = set(keys)
-        gone = [key for key in self._shown if key not in wanted]
-        structural = bool(gone)
-        # Many rows leaving (a tab switch, a narrower filter): start afresh, since each
-        # remove_row rebuilds the table's whole row index.
-        if len(gone) > min(64, len(self._shown) // 2):
-            self.clear()
-            self._shown.clear()
-        else:
-            for key in gone:
-                self.remove_row(key)
-                del self._shown[key]
-        for key, cells in rows:
-            old = self._shown.get(key)
-            if old is None:
-                self.add_row(*cells, key=key)
-                structural = True
-            elif old != cells:
-                for column, (before, after) in enumerate(zip(old, cells, strict=True)):
-                    if before != after:
-                        self.update_cell(key, self._columns[column], after)
-            self._shown[key] = cells
-        if self._current_order() != keys:
-            rank = {key: i for i, key in enumerate(keys)}
-            self.sort(self._columns[0], key=lambda value: rank[str(value)])
-            structural = True
-        self._order = keys
-        if structural and selected in wanted and selected != self.selected_key:
-            self.move_cursor(row=self.get_row_index(selected), scroll=False)
-        return structural
-
-    def _current_order(self) -> list[str]:
-        return [str(row.key.value) for row in self.ordered_rows]
-
-    def _update_dimensions(self, new_rows: Iterable[RowKey]) -> None:
-        # DataTable measures every cell of every new row (to size auto-width columns): with
-        # fixed widths and one-line rows there is nothing to learn, and adding 1,000 rows
-        # would cost ~0.5 s of measuring. The rest (the virtual size) still runs.
-        if all(not column.auto_width for column in self.columns.values()):
-            new_rows = ()
-        super()._update_dimensions(new_rows)
+    def __init__(self, **kwargs: str) -> None:
+        super().__init__(JOB_COLUMNS, JOB_WIDTHS, **kwargs)
 
 
-class JobTable(KeyedTable):
-    """The jobs table. Every column has a fixed width; the last one (info) takes what is left."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(JOB_COLUMNS, {**JOB_WIDTHS, "info": 40}, **kwargs)
-
-    def on_resize(self) -> None:
-        used = sum(JOB_WIDTHS.values()) + 2 * self.cell_padding * len(JOB_COLUMNS)
-        info = self.columns.get(ColumnKey("info"))
-        width = max(self.scrollable_content_region.width - used, 20)
-        if info is not None and info.width != width:
-            info.width = width
-            self._require_update_dimensions = True
-            self.refresh()
-
-
-class GpuTable(KeyedTable):
-    def __init__(self, **kwargs: object) -> None:
-        widths = {"GPU": 3, "name": 24, "memory": 12, "used": 10, "util": 4, "history": 20,
-                  "share": 7}  # fmt: skip
-        super().__init__(GPU_COLUMNS, widths, **kwargs)
+class GpuTable(RowTable):
+    def __init__(self, **kwargs: str) -> None:
+        super().__init__(GPU_COLUMNS, GPU_WIDTHS, **kwargs)
 
     def show(self, gpus: Sequence[GpuView]) -> None:
         self.apply([(str(g.index), gpu_cells(g)) for g in gpus])
