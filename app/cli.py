@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from app import __version__, control, jobsfile
+from app.cli_settings import effective_settings, settings_parent
+from app.config import effective_json, format_effective, load_settings
 from app.models import JobSpec, JobState
 from app.paths import StatePaths, state_paths
-from app.settings import SettingsError, from_sources
+from app.settings import SettingsError
 from app.store import Store
 
 Handler = Callable[[argparse.Namespace], int]
@@ -28,73 +30,34 @@ def _state_parent() -> argparse.ArgumentParser:
     return parent
 
 
-def _add_start(
+def _add_start_and_config(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
 ) -> None:
+    settings = settings_parent()
     p = sub.add_parser(
         "start",
-        parents=[parent],
+        parents=[parent, settings],
         help="run the scheduler in the foreground",
         description="Run the scheduler until Ctrl-C or SIGTERM; running jobs keep "
         "running and are re-adopted by the next start.",
     )
-    p.add_argument("--gpus", type=int, help="manage only the first N GPUs (default: all)")
-    p.add_argument("--jobs-file", type=Path, help="jobs file to watch (default: jobs.txt)")
-    p.add_argument("--llm-config", type=Path, help="model requirements (default: llm_config.json)")
-    p.add_argument(
-        "--mem-threshold",
-        type=float,
-        help="others' memory fraction that keeps a GPU off limits (0.8)",
-    )
-    p.add_argument(
-        "--load-threshold", type=float, help="load that keeps an unused GPU off limits (0.8)"
-    )
-    p.add_argument(
-        "--monitor-interval", type=float, help="fallback jobs-file re-read period, s (30)"
-    )
-    p.add_argument("--state-interval", type=float, help="fallback session check period, s (20)")
-    p.add_argument(
-        "--max-assign-attempts", type=int, help="launch attempts before failing a job (5)"
-    )
-    p.add_argument(
-        "--assign-retry-wait", type=float, help="base back-off between launch attempts, s (5)"
-    )
-    p.add_argument(
-        "--gpu-backend", choices=["auto", "nvml", "gputil", "fake"], help="GPU probe (auto)"
-    )
-    p.add_argument(
-        "--fake-gpus", type=Path, help="JSON file of simulated GPUs (--gpu-backend fake)"
-    )
-    p.add_argument("--tmux-socket", help="run jobs on a private tmux server (tmux -L NAME)")
-    p.add_argument("--ramp-up", type=float, help="seconds a new job's memory counts as used (30)")
-    p.add_argument(
-        "--starvation-timeout",
-        type=float,
-        help="seconds before GPUs are held for a blocked job (300)",
-    )
-    p.add_argument(
-        "--no-backfill",
-        dest="backfill",
-        action="store_const",
-        const=False,
-        help="strict order: no job passes a blocked higher-priority job",
-    )
-    p.add_argument(
-        "--no-cuda-rewrite",
-        dest="cuda_rewrite",
-        action="store_const",
-        const=False,
-        help="leave --cuda alone and set CUDA_VISIBLE_DEVICES instead",
-    )
-    p.add_argument("--probe-timeout", type=float, help="bound on one GPU probe, s (5)")
     p.add_argument(
         "--tui",
         action="store_true",
         help="show the live dashboard in front of the scheduler (quitting asks whether to "
         "keep the scheduler running in the background)",
     )
-    p.add_argument("--screen", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_start)
+
+    p = sub.add_parser(
+        "config",
+        parents=[parent, settings],
+        help="print the effective settings and where each came from",
+        description="Print every setting as `gpusched start` with the same flags would use it, "
+        "and its source: default, file PATH, env NAME or flag --name.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    p.set_defaults(handler=cmd_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpusched {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_start(sub, parent)
+    _add_start_and_config(sub, parent)
 
     p = sub.add_parser(
         "dashboard",
@@ -196,7 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _paths(args: argparse.Namespace) -> StatePaths:
-    return state_paths(args.state_dir)
+    """--state-dir, else $GPUSCHED_STATE_DIR, else state_dir in ./gpusched.toml, else XDG."""
+    state_dir = args.state_dir
+    if state_dir is None:
+        state_dir = load_settings(os.environ, {}).settings.state_dir
+    return state_paths(state_dir)
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -214,32 +181,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from app.gpus import NoGpuBackend
     from app.service import serve
 
-    if args.screen:
-        raise control.ActionError(
-            "--screen (GNU Screen sessions) is not available yet: jobs run in tmux sessions; "
-            "use `gpusched sessions` and `gpusched attach JOB`"
-        )
-    names = (
-        "gpus",
-        "jobs_file",
-        "llm_config",
-        "state_dir",
-        "mem_threshold",
-        "load_threshold",
-        "monitor_interval",
-        "state_interval",
-        "max_assign_attempts",
-        "assign_retry_wait",
-        "gpu_backend",
-        "fake_gpus",
-        "tmux_socket",
-        "ramp_up",
-        "starvation_timeout",
-        "backfill",
-        "cuda_rewrite",
-        "probe_timeout",
-    )
-    settings = from_sources(os.environ, {n: getattr(args, n) for n in names})
+    settings = effective_settings(args).settings
     try:
         if args.tui:
             from app.dashboard import run_with_scheduler
@@ -249,6 +191,16 @@ def cmd_start(args: argparse.Namespace) -> int:
     except NoGpuBackend as exc:
         print(f"gpusched: error: {exc}", file=sys.stderr)
         return 2
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    effective = effective_settings(args)
+    print(
+        json.dumps(effective_json(effective), indent=2)
+        if args.json
+        else format_effective(effective)
+    )
+    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -1,16 +1,33 @@
-"""One typed settings model for the scheduler: defaults < environment (`GPUSCHED_*`) < flags."""
+"""One typed settings model: defaults < config file < environment (`GPUSCHED_*`) < flags.
+
+This module holds the model, its validation, and the conversion of raw values (environment
+strings, config-file values, flags) into typed ones. `app/config.py` reads config files and
+reports where each effective value came from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from app.jobsfile import parse_gpu_list
 from app.models import Policy
+
+GPU_BACKENDS = ("auto", "nvml", "gputil", "fake")
+RUNNERS = ("tmux", "screen", "direct")
+MODES = ("share", "exclusive", "memory", "detected")
+DEFAULT_LIMIT_FRACTION = 0.5
+"""`--max-ram` / `--max-vram` without a number, or `on`: half, as in the earlier bash daemon."""
 
 
 class SettingsError(ValueError):
     """A bad setting value: the message names the setting and where it came from."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,28 @@ class Settings:
     probe_timeout: float = 5.0
     """Bound (s) on one GPU probe; a hung driver makes GPUs unknown for that tick."""
     tick_interval: float = 1.0
-    """Longest sleep between scheduler passes when nothing happens."""
+    """Longest sleep (s) between scheduler passes when nothing happens (alias: poll_interval)."""
+    runner: str = "tmux"
+    """Where jobs run: tmux sessions, GNU Screen sessions, or direct child processes."""
+    mode: str = "share"
+    """Allocation mode: share (fractional ledger), exclusive (one job per GPU), memory (by
+    declared GPU memory) or detected (by free memory the probe reports)."""
+    commands_file: Path | None = None
+    """A second input: one plain shell command per line (`#` comments); None = none."""
+    spool_dir: Path | None = None
+    """Spool folder: scripts dropped in `DIR/1.to_run/` are queued; None = none."""
+    min_free_mem_mb: int = 0
+    """A GPU takes a new job only with at least this much free memory (MiB); 0 = no minimum."""
+    gpu_ids: tuple[int, ...] | None = None
+    """The GPUs the scheduler may use at all (sorted, unique); None = every GPU."""
+    max_workers: int | None = None
+    """Most jobs running at once; None = no limit."""
+    max_ram: float | None = None
+    """Fraction of host RAM the scheduler's jobs may fill, in (0, 1]; None = no limit."""
+    max_vram: float | None = None
+    """Fraction of each GPU's memory the scheduler's jobs may fill, in (0, 1]; None = no limit."""
+    log_dir: Path | None = None
+    """Where job logs are written; None = `logs/` in the state directory."""
 
     def policy(self) -> Policy:
         return Policy(
@@ -64,31 +102,60 @@ class Settings:
         )
 
     def validate(self) -> Settings:
-        for name in ("mem_threshold", "load_threshold"):
-            value = getattr(self, name)
-            if not 0 < value <= 1:
-                raise SettingsError(f"{name} must be in (0, 1], got {value}")
-        for name in (
-            "monitor_interval",
-            "state_interval",
-            "assign_retry_wait",
-            "probe_timeout",
-            "tick_interval",
-        ):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_assign_attempts < 1:
-            raise SettingsError(f"max_assign_attempts must be >= 1, got {self.max_assign_attempts}")
-        if self.gpus is not None and self.gpus < 1:
-            raise SettingsError(f"gpus must be >= 1, got {self.gpus}")
-        if self.gpu_backend not in ("auto", "nvml", "gputil", "fake"):
-            raise SettingsError(
-                f"gpu_backend must be auto, nvml, gputil or fake, got {self.gpu_backend!r}"
-            )
+        """Raises SettingsError naming the first bad setting; returns self when all are fine."""
+        for f in fields(self):
+            problem = check_field(f.name, getattr(self, f.name))
+            if problem:
+                raise SettingsError(f"{f.name} {problem}", f.name)
         if self.gpu_backend == "fake" and self.fake_gpus is None:
             raise SettingsError("--gpu-backend fake needs --fake-gpus FILE")
         return self
 
+
+# ---- checks on one value -------------------------------------------------------------------
+
+_FRACTIONS = ("mem_threshold", "load_threshold", "max_ram", "max_vram")
+_POSITIVE = (
+    "monitor_interval",
+    "state_interval",
+    "assign_retry_wait",
+    "probe_timeout",
+    "tick_interval",
+)
+_NON_NEGATIVE = ("ramp_up", "starvation_timeout", "min_free_mem_mb")
+_AT_LEAST_ONE = ("max_assign_attempts", "gpus", "max_workers")
+_CHOICES = {"gpu_backend": GPU_BACKENDS, "runner": RUNNERS, "mode": MODES}
+
+
+def check_field(name: str, value: object) -> str | None:
+    """What is wrong with `value` for setting `name` ("must be ..."), or None when it is fine."""
+    if value is None:
+        return None
+    if name in _CHOICES:
+        options = _CHOICES[name]
+        return None if value in options else f"must be {_one_of(options)}, got {value!r}"
+    if name == "gpu_ids":
+        ids = value if isinstance(value, tuple) else ()
+        valid = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        return None if ids and valid else f"must be a tuple of GPU ids, got {value!r}"
+    if not isinstance(value, int | float):
+        return None
+    if name in _FRACTIONS and not 0 < value <= 1:
+        return f"must be in (0, 1], got {value}"
+    if name in _POSITIVE and not value > 0:
+        return f"must be positive, got {value}"
+    if name in _NON_NEGATIVE and not (value >= 0 and math.isfinite(value)):
+        return f"must be 0 or more, got {value}"
+    if name in _AT_LEAST_ONE and value < 1:
+        return f"must be 1 or more, got {value}"
+    return None
+
+
+def _one_of(options: tuple[str, ...]) -> str:
+    return ", ".join(options[:-1]) + f" or {options[-1]}"
+
+
+# ---- converting raw values (environment strings, config-file values, flags) ----------------
 
 _BOOL = {
     "1": True,
@@ -102,32 +169,201 @@ _BOOL = {
 }
 
 
-def _convert(name: str, raw: str, default: object, source: str) -> object:
+def _as_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _BOOL:
+        return _BOOL[raw.strip().lower()]
+    raise ValueError("expected true or false")
+
+
+def _as_int(raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError("expected a whole number")
+
+
+def _as_float(raw: object) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw.strip())
+        except ValueError:
+            pass
+    raise ValueError("expected a number")
+
+
+def _as_path(raw: object) -> Path:
+    if isinstance(raw, str | Path) and str(raw).strip():
+        return Path(raw).expanduser()
+    raise ValueError("expected a path")
+
+
+def _as_str(raw: object) -> str:
+    if isinstance(raw, str):
+        return raw.strip()
+    raise ValueError("expected text")
+
+
+def _as_gpu_ids(raw: object) -> tuple[int, ...] | None:
+    """`"0,1,2"`, `"0-3"`, `[0, 1, 2]` or `2` -> sorted unique ids; `"all"` -> None."""
+    if isinstance(raw, str) and raw.strip().lower() == "all":
+        return None
+    items = raw if isinstance(raw, list | tuple) else [raw]
+    if any(isinstance(i, bool) or not isinstance(i, int | str) for i in items):
+        raise ValueError("expected GPU ids like 0,1,2 or 0-3")
     try:
-        if isinstance(default, bool):
-            return _BOOL[raw.strip().lower()]
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, Path) or name in ("state_dir", "fake_gpus"):
-            return Path(raw)
-        if name == "gpus":
-            return int(raw)
-    except (ValueError, KeyError) as exc:
-        raise SettingsError(f"{source}: bad value {raw!r} for {name}") from exc
-    return raw
+        ids = parse_gpu_list(",".join(str(i) for i in items))
+    except ValueError:
+        raise ValueError("expected GPU ids like 0,1,2 or 0-3") from None
+    if ids is None:
+        raise ValueError("no GPU ids given (leave it unset, or say all, to use every GPU)")
+    return ids
+
+
+_LIMIT_ON = ("on", "true", "yes")
+_LIMIT_OFF = ("off", "false", "no", "none")
+
+
+def _as_limit(raw: object) -> float | None:
+    """A fraction (0.7), or a switch: on/true -> DEFAULT_LIMIT_FRACTION, off/false -> no limit."""
+    if raw is True:
+        return DEFAULT_LIMIT_FRACTION
+    if raw is False:
+        return None
+    if isinstance(raw, str) and raw.strip().lower() in _LIMIT_ON:
+        return DEFAULT_LIMIT_FRACTION
+    if isinstance(raw, str) and raw.strip().lower() in _LIMIT_OFF:
+        return None
+    try:
+        return _as_float(raw)
+    except ValueError:
+        raise ValueError("expected a fraction in (0, 1], on or off") from None
+
+
+Converter = Callable[[object], object]
+
+
+def _optional(convert: Converter, none_word: bool = True) -> Converter:
+    def optional(raw: object) -> object:
+        if raw is None or (none_word and isinstance(raw, str) and raw.strip().lower() == "none"):
+            return None
+        return convert(raw)
+
+    return optional
+
+
+# Field annotations are strings here (`from __future__ import annotations`).
+_BY_TYPE: dict[str, Converter] = {
+    "bool": _as_bool,
+    "int": _as_int,
+    "int | None": _optional(_as_int),
+    "float": _as_float,
+    "float | None": _optional(_as_float),
+    "str": _as_str,
+    "str | None": _optional(_as_str),
+    "Path": _as_path,
+    "Path | None": _optional(_as_path, none_word=False),
+}
+_SPECIAL: dict[str, Converter] = {
+    "gpu_ids": _optional(_as_gpu_ids),
+    "max_ram": _optional(_as_limit),
+    "max_vram": _optional(_as_limit),
+}
+CONVERTERS: dict[str, Converter] = {
+    f.name: _SPECIAL.get(f.name) or _BY_TYPE[str(f.type)] for f in fields(Settings)
+}
+"""Setting name -> function from a raw value (str, number, bool, list) to its typed value."""
+
+
+def convert(name: str, raw: object, where: str, key: str | None = None) -> object:
+    """Raw value -> typed, checked value; errors say `where` (a source) and `key` (as spelled)."""
+    label = key or name
+    try:
+        value = CONVERTERS[name](raw)
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"{where}: bad value {raw!r} for {label}: {exc}", name) from None
+    problem = check_field(name, value)
+    if problem:
+        raise SettingsError(f"{where}: {label} {problem}", name)
+    return value
+
+
+# ---- sources -------------------------------------------------------------------------------
+
+Layer = Mapping[str, tuple[object, str]]
+"""One source's settings: name -> (typed value, source such as "env GPUSCHED_GPUS")."""
+
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "tick_interval": ("GPUSCHED_POLL_INTERVAL",),
+    "max_ram": ("MAX_RAM",),
+    "max_vram": ("MAX_VRAM",),
+    "ramp_up": ("RAMP_UP_TIME",),
+}
+"""Variables read after `GPUSCHED_<NAME>` (which wins): the earlier tools' names."""
+
+
+def env_names(name: str) -> tuple[str, ...]:
+    """The environment variables for a setting, highest precedence first."""
+    return (f"GPUSCHED_{name.upper()}", *ENV_ALIASES.get(name, ()))
+
+
+def env_layer(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
+    """Settings from the environment; an empty variable counts as unset."""
+    layer: dict[str, tuple[object, str]] = {}
+    for f in fields(Settings):
+        for var in env_names(f.name):
+            raw = env.get(var, "")
+            if raw.strip():
+                layer[f.name] = (convert(f.name, raw, f"env {var}"), f"env {var}")
+                break
+    return layer
+
+
+def flag_layer(
+    flags: Mapping[str, object], flag_names: Mapping[str, str] | None = None
+) -> dict[str, tuple[object, str]]:
+    """Settings from flags given on the command line (None = not given)."""
+    layer: dict[str, tuple[object, str]] = {}
+    for name, raw in flags.items():
+        if raw is None:
+            continue
+        if name not in CONVERTERS:
+            raise SettingsError(f"unknown setting {name!r}")
+        flag = (flag_names or {}).get(name) or "--" + name.replace("_", "-")
+        layer[name] = (convert(name, raw, f"flag {flag}"), f"flag {flag}")
+    return layer
+
+
+def merge(*layers: Layer) -> tuple[Settings, dict[str, str]]:
+    """Apply layers, lowest precedence first: the validated settings and each one's source."""
+    values: dict[str, object] = {}
+    sources = {f.name: "default" for f in fields(Settings)}
+    for layer in layers:
+        for name, (value, source) in layer.items():
+            values[name] = value
+            sources[name] = source
+    settings = replace(Settings(), **values)  # type: ignore[arg-type]
+    try:
+        settings.validate()
+    except SettingsError as exc:
+        if exc.setting is None or sources[exc.setting] == "default":
+            raise
+        raise SettingsError(f"{sources[exc.setting]}: {exc}", exc.setting) from None
+    return settings, sources
 
 
 def from_sources(env: Mapping[str, str], flags: Mapping[str, object]) -> Settings:
-    """Defaults < environment (`GPUSCHED_<NAME>`) < flags given on the command line (not None)."""
-    base = Settings()
-    values: dict[str, object] = {}
-    for f in fields(Settings):
-        env_name = f"GPUSCHED_{f.name.upper()}"
-        if env_name in env:
-            values[f.name] = _convert(f.name, env[env_name], getattr(base, f.name), env_name)
-        flag = flags.get(f.name)
-        if flag is not None:
-            values[f.name] = flag
-    return replace(base, **values).validate()  # type: ignore[arg-type]
+    """Defaults < environment < flags given on the command line (not None); no config file.
+
+    `app.config.load_settings` adds the config file and reports each value's source.
+    """
+    return merge(env_layer(env), flag_layer(flags))[0]
