@@ -259,8 +259,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if not running:
         print("no running job sessions")
     for job in running:
-        runner = control.runner_for(job.runner or control.runner_id_for(None))
-        attach = " ".join(runner.attach_argv(job.session or ""))
+        attach = " ".join(control.attach_argv(job))
         print(f"{job.session}  job {job.id}  GPU {','.join(map(str, job.gpus))}  ->  {attach}")
     return 0
 
@@ -276,7 +275,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     if job is None or job.status != JobState.RUNNING or not job.session:
         state = f" ({job.status})" if job else ""
         raise control.ActionError(f"job {text}{state} has no live session; see `gpusched sessions`")
-    argv = control.runner_for(job.runner or control.runner_id_for(None)).attach_argv(job.session)
+    argv = control.attach_argv(job)
     os.execvp(argv[0], argv)
     return 1  # pragma: no cover - exec does not return
 

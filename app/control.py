@@ -14,6 +14,9 @@ from pathlib import Path
 from app.models import JobState
 from app.paths import StatePaths
 from app.runners import Runner, TmuxRunner
+from app.runners.direct import DirectRunner, kill_orphan, stdout_echo, tail_argv
+from app.runners.screen import ScreenRunner
+from app.settings import Settings
 from app.store import Job, Store
 
 
@@ -30,10 +33,35 @@ def runner_id_for(socket_name: str | None) -> str:
 
 
 def runner_for(runner_id: str) -> Runner:
+    """The runner a job was started by, from the id stored with it (`tmux:SOCKET`,
+    `screen:SCREENDIR`, `direct:PID`). A direct runner seen from another process knows no
+    sessions: its jobs are reached by pid (`kill_job`) and log (`attach_argv`)."""
     kind, _, arg = runner_id.partition(":")
     if kind == "tmux":
         return TmuxRunner(arg or None)
+    if kind == "screen":
+        return ScreenRunner(arg or None)
+    if kind == "direct":
+        return DirectRunner(echo=None)
     raise ActionError(f"unknown runner {runner_id!r}")
+
+
+def make_runner(settings: Settings, echo: bool = True) -> tuple[Runner, str]:
+    """The scheduler's runner for `--runner` and the id stored with each job it starts."""
+    if settings.runner == "screen":
+        screendir = os.environ.get("SCREENDIR") or None  # private sockets, e.g. in tests
+        return ScreenRunner(screendir), f"screen:{screendir or ''}"
+    if settings.runner == "direct":
+        return DirectRunner(stdout_echo if echo else None), f"direct:{os.getpid()}"
+    return TmuxRunner(settings.tmux_socket), runner_id_for(settings.tmux_socket)
+
+
+def attach_argv(job: Job) -> list[str]:
+    """The command that shows a running job: attach to its session, or follow its log."""
+    runner_id = job.runner or runner_id_for(None)
+    if runner_id.startswith("direct:"):
+        return tail_argv(Path(job.log_path or "/dev/null"))
+    return runner_for(runner_id).attach_argv(job.session or "")
 
 
 #: How long SchedulerLock.acquire retries a busy lock before refusing.
@@ -143,7 +171,11 @@ def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
         job_id, JobState.KILLED, when=[job.status], now=now, detail=detail, ended_at=now
     ):
         raise ActionError(f"job {job_id} already ended ({get_job(store, job_id).status})")
-    if job.status == JobState.RUNNING and job.session:
+    if job.status == JobState.RUNNING and (job.runner or "").startswith("direct:"):
+        if job.pid:  # a child of the scheduler process: reached by its pid
+            kill_orphan(job.pid, paths.run_spec(job_id))
+        paths.exit_file(job_id).unlink(missing_ok=True)
+    elif job.status == JobState.RUNNING and job.session:
         runner_for(job.runner or runner_id_for(None)).kill(job.session)
         paths.exit_file(job_id).unlink(missing_ok=True)
     wake_scheduler(paths)

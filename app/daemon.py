@@ -12,20 +12,17 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app import jobsfile, tailer
+from app import intake, jobsfile, tailer
 from app.allocator import allocate
 from app.gpus import GpuProbe, ProbeError
 from app.launch import build_launch
 from app.models import (
     GpuSnapshot,
-    JobSpec,
     JobState,
-    LineError,
     Placement,
     QueuedJob,
     Requirement,
@@ -37,6 +34,7 @@ from app.reaper import Reaper
 from app.requirements import LlmConfig, LlmConfigCache, RequirementMemo
 from app.runners import LaunchError, Runner
 from app.settings import Settings
+from app.spool import Spool
 from app.store import Job, Store
 
 log = logging.getLogger("gpusched")
@@ -70,6 +68,8 @@ class Daemon:
         self.runner_id = runner_id  # stored per job, so `kill` finds the right tmux server
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.jobs_file = settings.jobs_file.resolve()
+        self.commands_file = settings.commands_file.resolve() if settings.commands_file else None
+        self.spool = Spool(settings.spool_dir, store) if settings.spool_dir else None
         self.llm = LlmConfigCache(settings.llm_config.resolve())
         self.reaper = Reaper(store, paths, runner, runner_for, runner_id)
         self.wake = threading.Event()
@@ -82,6 +82,8 @@ class Daemon:
         self._last_probe_error = ""
         self._last_config_error = ""
         self._requirements = RequirementMemo()
+        #: files whose change means new jobs (spool: any event inside its inbox)
+        self._input_paths = {str(self.jobs_file), str(self.commands_file)}
 
     # ---- one pass ----------------------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class Daemon:
         if check_sessions:
             self._last_session_check = now
         report.ended = self.reaper.reap(now, check_sessions=check_sessions)
+        if self.spool is not None:
+            self.spool.sync()  # scripts follow their jobs' states, whoever changed them
         config = self.llm.get()  # once per pass: it stats the file
         self._requeue_unschedulable_on_change(gpus)
         report.started = self._schedule(now, gpus, config)
@@ -120,7 +124,8 @@ class Daemon:
             self._last_probe_error = ""
             self.store.set_meta({"probe_error": ""})
             log.info("GPU probe recovered")
-        self._gpu_count = len(gpus)
+        # Ids stay physical under --gpu-ids: a jobs-file line may name up to the highest one.
+        self._gpu_count = max(g.index for g in gpus) + 1 if gpus else 0
         snapshot = json.dumps([g.__dict__ for g in gpus])
         if snapshot != self._last_gpus_json:
             self._last_gpus_json = snapshot
@@ -130,62 +135,15 @@ class Daemon:
     # ---- jobs file -> pending jobs ------------------------------------------------------------
 
     def ingest(self, now: float) -> list[int]:
-        key = str(self.jobs_file)
-        cursor_json = self.store.cursor_json(key)
-        cursor = tailer.FileCursor.from_json(cursor_json) if cursor_json else tailer.FileCursor()
-        previous: list[Counter[str]] = []
-
-        def load_seen() -> Counter[str]:
-            previous.append(self.store.seen_lines(key))
-            return previous[-1]
-
-        result = tailer.read_new(self.jobs_file, cursor, load_seen)
-        if not result.lines and result.cursor == cursor and not result.rewritten:
-            return []
-        specs: list[JobSpec] = []
-        errors: list[LineError] = []
-        for number, text in result.lines:
-            parsed = jobsfile.parse_line(
-                text,
-                file=self.jobs_file.name,
-                line=number,
-                base_dir=self.jobs_file.parent,
-                gpu_count=self._gpu_count,
-            )
-            if isinstance(parsed, JobSpec):
-                specs.append(parsed)
-            elif isinstance(parsed, LineError):
-                errors.append(parsed)
-                log.error("%s", parsed)
-        report = self.store.ingest(
-            key,
-            result.cursor.to_json(),
-            self._seen_after_rewrite(result, previous),
-            result.appended_hashes,
-            specs,
-            errors,
-            now,
-        )
-        for source, job_id, state in report.duplicates:
-            log.info("%s: duplicate of job %d (%s), skipped", source, job_id, state)
-        for job_id in report.queued:
-            log.info("job %d queued", job_id)
-        for job_id in report.requeued:
-            log.info("job %d queued again", job_id)
-        return report.queued + report.requeued
-
-    @staticmethod
-    def _seen_after_rewrite(
-        result: tailer.TailResult, previous: list[Counter[str]]
-    ) -> Counter[str] | None:
-        """After a rewrite, remember the union of the old and new versions' lines.
-
-        A read can land mid-save (an editor truncates, then writes): forgetting the old
-        version there would bring its lines back as new on the next read.
-        """
-        if not result.rewritten or result.seen_after is None:
-            return None
-        return (previous[0] | result.seen_after) if previous else result.seen_after
+        """Queue what is new in every input: jobs file, commands file, spool folder."""
+        parse = intake.jobs_parser(self.jobs_file, lambda: self._gpu_count)
+        queued = intake.read_file(self.store, self.jobs_file, parse, now)
+        if self.commands_file is not None:
+            parse = intake.command_parser(self.commands_file)
+            queued += intake.read_file(self.store, self.commands_file, parse, now)
+        if self.spool is not None:
+            queued += self.spool.intake(now)
+        return queued
 
     # ---- pending jobs -> placements -> sessions ----------------------------------------------
 
@@ -222,7 +180,8 @@ class Daemon:
         changes: dict[int, dict[str, object]] = {}
         for job in pending:
             try:
-                requirement = self._requirements.get(config, job.args)
+                args = job.script if job.kind == "command" else job.args  # `--llm` in a command
+                requirement = self._requirements.get(config, args, job.declared)
             except RequirementError as exc:
                 self.store.transition(
                     job.id,
@@ -234,6 +193,7 @@ class Daemon:
                 )
                 continue
             if job.requirement != requirement.amount or job.vram_mb != requirement.vram_mb:
+                # Stored for display and for the ledger once it runs.
                 changes[job.id] = {
                     "requirement": requirement.amount,
                     "vram_mb": requirement.vram_mb,
@@ -289,16 +249,33 @@ class Daemon:
                 share=job.share if job.share is not None else 1.0,
                 vram_mb=job.vram_mb,
                 started_at=job.started_at or 0.0,
+                ram_mb=declared.ram_mb,
+                ramp_up_s=declared.ramp_up_s,
             )
             for job in self.store.jobs([JobState.RUNNING])
+            for declared in [self._declared(job)]
         ]
+
+    def _declared(self, job: Job) -> Requirement:
+        """What a running job declared (RAM, ramp-up), for the ledger."""
+        try:
+            args = job.script if job.kind == "command" else job.args
+            return self._requirements.get(self.llm.get(), args, job.declared)
+        except RequirementError:
+            return Requirement(1.0)
 
     def _launch(
         self, job: Job, placement: Placement, requirement_of: dict[int, Requirement], now: float
     ) -> bool:
+        script = job.script
+        if self.spool is not None and job.source.startswith("spool:"):
+            script = str(self.spool.place(job, JobState.RUNNING))
+        cwd = None
+        if job.kind == "command" and self.commands_file is not None:
+            cwd = str(self.commands_file.parent)  # commands run where their file is
         req = build_launch(
             job_id=job.id,
-            script=job.script,
+            script=script,
             conda_env=job.conda_env,
             args=job.args,
             gpus=placement.gpus,
@@ -306,6 +283,9 @@ class Daemon:
             base_env=self.base_env,
             now=now,
             rewrite=self.settings.cuda_rewrite,
+            cwd=cwd,
+            kind=job.kind,
+            log_dir=self.settings.log_dir.resolve() if self.settings.log_dir else None,
         )
         req.exit_file.unlink(missing_ok=True)  # a retried job reuses its id: drop the old record
         gpus_text = ",".join(map(str, placement.gpus))
@@ -335,6 +315,13 @@ class Daemon:
             self._launch_failed(job, str(exc), now)
             return False
         self.store.set_fields(job.id, launched=1, pid=launched.pid)
+        current = self.store.job(job.id)
+        if current is not None and current.status != JobState.RUNNING:
+            # Killed (by the CLI or the dashboard) while the session was being created: the
+            # killer found no session yet, so this one is ours to stop.
+            log.info("job %d was %s during its launch; stopping it", job.id, current.status)
+            self.runner.kill(launched.session)
+            return False
         log.info(
             "job %d started on GPU %s: %s (%s)", job.id, gpus_text, req.session, req.display_command
         )
@@ -368,7 +355,9 @@ class Daemon:
 
     def on_path_event(self, path: str) -> None:
         """Called from the watcher thread: flag what changed and cut the sleep short."""
-        if path == str(self.jobs_file):
+        if path in self._input_paths or (
+            self.spool is not None and path.startswith(str(self.spool.inbox) + os.sep)
+        ):
             self._jobs_dirty = True
         elif not (
             path.startswith(str(self.paths.exits))
@@ -380,10 +369,16 @@ class Daemon:
 
     def watched_dirs(self) -> list[Path]:
         dirs = [self.jobs_file.parent, self.paths.root, self.paths.exits, self.llm.path.parent]
+        if self.commands_file is not None:
+            dirs.append(self.commands_file.parent)
+        if self.spool is not None:
+            dirs.append(self.spool.inbox)
         return list(dict.fromkeys(dirs))
 
     def run(self, stop: threading.Event) -> None:
         self.reaper.reconcile(time.time())
+        if self.spool is not None:
+            self.spool.recover(time.time())
         with tailer.PathWatcher(self.watched_dirs(), self.on_path_event):
             while not stop.is_set():
                 self.wake.clear()

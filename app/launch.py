@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
+from app.headers import split_directives
 from app.paths import StatePaths
 
 #: Environment variables that describe the *scheduler's* terminal, not the job's: a job
@@ -166,27 +167,35 @@ def build_launch(
     now: float,
     rewrite: bool = True,
     cwd: str | None = None,
+    kind: str = "script",
+    log_dir: Path | None = None,
 ) -> LaunchRequest:
     """Build the launch of one job on `gpus`.
 
-    Raises ValueError when `args` is not valid shell words (e.g. an unclosed quote).
+    A "command" job (a commands-file line) is shell code run by `bash -c`: its GPUs can only
+    reach it through CUDA_VISIBLE_DEVICES. Raises ValueError when `args` is not valid shell
+    words (e.g. an unclosed quote).
     """
-    words = shlex.split(args)
-    if rewrite:
-        words = rewrite_cuda(words, gpus)
-    command, display = _command(script, words, conda=bool(conda_env))
+    if kind == "command":
+        rewrite = False
+        command, display = ["bash", "-c", script], [script]
+    else:
+        _, words = split_directives(shlex.split(args))  # the scheduler's words, not the job's
+        if rewrite:
+            words = rewrite_cuda(words, gpus)
+        command, display = _command(script, words, conda=bool(conda_env))
     argv = (
         ["bash", "-c", CONDA_SNIPPET, SNIPPET_NAME, conda_env, *command] if conda_env else command
     )
     stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(now))
     return LaunchRequest(
         job_id=job_id,
-        session=session_name(job_id, gpus, script),
+        session=session_name(job_id, gpus, "cmd" if kind == "command" else script),
         argv=argv,
         env=job_environment(base_env, job_id, gpus, rewrite=rewrite),
-        cwd=cwd if cwd is not None else str(PurePath(script).parent),
-        log_path=paths.logs / f"job_{job_id}_{stamp}.log",
+        cwd=cwd if cwd is not None else str(PurePath(script).parent if kind == "script" else "."),
+        log_path=(log_dir or paths.logs) / f"job_{job_id}_{stamp}.log",
         exit_file=paths.exit_file(job_id),
         spec_file=paths.run_spec(job_id),
-        display_command=shlex.join(display),
+        display_command=script if kind == "command" else shlex.join(display),
     )

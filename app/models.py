@@ -53,10 +53,16 @@ class JobSpec:
     args: str  # as written, shell words
     allowed_gpus: tuple[int, ...] | None  # None = any GPU
     source: str = ""  # "FILE:LINE", or "" when not from a file
+    kind: str = "script"  # "script": run `script` with `args`; "command": `script` is shell code
+    declared: str = ""  # the script header's requirements as JSON (see requirements.py)
+    nonce: str = ""  # part of the identity: a spool drop is a new job even with the same name
 
     @property
     def key(self) -> str:
-        return dedup_key(self.script, self.conda_env, self.args)
+        key = dedup_key(self.script, self.conda_env, self.args)
+        if self.kind != "script" or self.nonce:
+            key = dedup_key(f"{self.kind}:{self.nonce}", key, "")
+        return key
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,24 @@ class RequirementError(ValueError):
 class Requirement:
     """What a job needs: `amount` in (0, 1] is a share of one GPU, an integer >= 2 is whole GPUs.
 
-    `vram_mb` is the job's declared GPU memory per GPU (None = not declared).
+    `vram_mb` is the job's declared GPU memory per GPU (None = not declared), `ram_mb` the host RAM
+    it needs (None = not declared) and `ramp_up_s` how long after its start its memory counts as
+    reserved (None = the policy's `ramp_up_s`).
     """
 
     amount: float
     vram_mb: int | None = None
+    ram_mb: int | None = None
+    ramp_up_s: float | None = None
 
     def __post_init__(self) -> None:
         validate_amount(self.amount)
+        if self.ram_mb is not None and self.ram_mb < 0:
+            raise RequirementError(f"RAM requirement {self.ram_mb} MB must not be negative")
+        if self.ramp_up_s is not None and not (
+            math.isfinite(self.ramp_up_s) and self.ramp_up_s >= 0
+        ):
+            raise RequirementError(f"ramp-up {self.ramp_up_s!r} s must be a number >= 0")
 
     @property
     def gpu_count(self) -> int:
@@ -147,6 +163,20 @@ class RunningJob:
     share: float  # share held on each of its GPUs (1.0 for multi-GPU jobs)
     vram_mb: int | None  # declared memory per GPU, None = its share of the GPU's memory
     started_at: float
+    ram_mb: int | None = None  # declared host RAM, None = not declared
+    ramp_up_s: float | None = None  # its own ramp-up, None = the policy's
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """The host's memory as a probe saw it at one moment (MB)."""
+
+    ram_total_mb: int
+    ram_available_mb: int
+
+
+#: `Policy.mode` values: how jobs share a GPU (see app.allocator).
+ALLOCATION_MODES = ("share", "exclusive", "memory", "detected")
 
 
 @dataclass(frozen=True)
@@ -157,6 +187,17 @@ class Policy:
     starvation_s: float = 300.0  # a blocked head job older than this gets GPUs held for it
     backfill: bool = True  # let smaller jobs pass a blocked bigger one
     pack: bool = True  # put fractional jobs on already-shared GPUs first
+    mode: str = "share"  # one of ALLOCATION_MODES
+    max_workers: int | None = None  # at most this many of our jobs at once (None = no limit)
+    min_free_mem_mb: int = 0  # a GPU with less free memory than this takes no new job
+    max_ram: float | None = None  # fraction of host RAM jobs with declared RAM may fill
+    max_vram: float | None = None  # fraction of a GPU's memory that may be in use with a new job
+
+    def __post_init__(self) -> None:
+        if self.mode not in ALLOCATION_MODES:
+            raise ValueError(
+                f"allocation mode {self.mode!r} is not one of {', '.join(ALLOCATION_MODES)}"
+            )
 
 
 @dataclass(frozen=True)

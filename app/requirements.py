@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app import headers
 from app.models import Requirement, RequirementError, validate_amount
 
 DEFAULT_REQUIREMENT = 1.0
@@ -206,24 +207,39 @@ class LlmConfigCache:
             return config
 
 
+def resolve(config: LlmConfig, args: str, declared: str = "") -> Requirement:
+    """A job's requirement: GPUs (and memory) from its `--llm` model, then what the script's
+    header (`declared`) and the line's `--gpusched-*` directives declare, the line winning."""
+    base = config.requirement(args)
+    try:
+        words = shlex.split(args)
+    except ValueError:
+        words = args.split()
+    directives, _ = headers.split_directives(words)
+    own = directives.over(headers.decode(declared))
+    vram = own.vram_mb if own.vram_mb is not None else base.vram_mb
+    return Requirement(base.amount, vram, ram_mb=own.ram_mb, ramp_up_s=own.ramp_up_s)
+
+
 class RequirementMemo:
-    """Requirements by argument string for one config, so a scheduler pass over thousands of
-    pending jobs does not split every job's arguments again; reset when the config changes."""
+    """Requirements by (arguments, declared) for one config, so a scheduler pass over thousands
+    of pending jobs does not split every job's arguments again; reset when the config changes."""
 
     def __init__(self) -> None:
         self._config: LlmConfig | None = None
-        self._found: dict[str, Requirement | RequirementError] = {}
+        self._found: dict[tuple[str, str], Requirement | RequirementError] = {}
 
-    def get(self, config: LlmConfig, args: str) -> Requirement:
+    def get(self, config: LlmConfig, args: str, declared: str = "") -> Requirement:
         if config is not self._config:
             self._config = config
             self._found.clear()
-        if args not in self._found:
+        key = (args, declared)
+        if key not in self._found:
             try:
-                self._found[args] = config.requirement(args)
+                self._found[key] = resolve(config, args, declared)
             except RequirementError as exc:
-                self._found[args] = exc
-        found = self._found[args]
+                self._found[key] = exc
+        found = self._found[key]
         if isinstance(found, RequirementError):
             raise found
         return found

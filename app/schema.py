@@ -103,6 +103,13 @@ def _job_revisions(db: sqlite3.Connection) -> None:
     )
 
 
+@migration("003_inputs")
+def _inputs(db: sqlite3.Connection) -> None:
+    """Jobs from a commands file (shell code) and requirements declared in script headers."""
+    db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'script'")
+    db.execute("ALTER TABLE jobs ADD COLUMN declared TEXT NOT NULL DEFAULT ''")
+
+
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits on its own, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -10,11 +10,10 @@ import threading
 import time
 from types import FrameType
 
-from app.control import SchedulerLock, runner_for, runner_id_for
+from app.control import SchedulerLock, make_runner, runner_for
 from app.daemon import Daemon
 from app.gpus import make_probe
 from app.paths import StatePaths, state_paths
-from app.runners import TmuxRunner
 from app.settings import Settings
 from app.store import Store
 
@@ -34,15 +33,15 @@ def setup_logging(paths: StatePaths, stream: bool = True) -> None:
         log.addHandler(console)
 
 
-def build_daemon(settings: Settings, paths: StatePaths, store: Store) -> Daemon:
+def build_daemon(settings: Settings, paths: StatePaths, store: Store, echo: bool = True) -> Daemon:
     probe = make_probe(
         settings.gpu_backend,
         settings.fake_gpus,
         timeout_s=settings.probe_timeout,
         limit=settings.gpus,
+        only=settings.gpu_ids,
     )
-    runner_id = runner_id_for(settings.tmux_socket)
-    runner = TmuxRunner(settings.tmux_socket)
+    runner, runner_id = make_runner(settings, echo=echo)
     return Daemon(settings, store, paths, probe, runner, runner_id, runner_for=runner_for)
 
 
@@ -55,7 +54,7 @@ def serve(settings: Settings, stop: threading.Event | None = None, console: bool
     store = Store(paths.db)
     stop = stop or threading.Event()
     try:
-        daemon = build_daemon(settings, paths, store)
+        daemon = build_daemon(settings, paths, store, echo=console)
         store.set_meta(
             {
                 "pid": str(os.getpid()),
@@ -69,17 +68,22 @@ def serve(settings: Settings, stop: threading.Event | None = None, console: bool
         if threading.current_thread() is threading.main_thread():
             _install_signal_handlers(stop)
         log.info(
-            "gpusched started (pid %d): jobs file %s, state %s, backend %s, tmux %s",
+            "gpusched started (pid %d): jobs file %s, state %s, backend %s, runner %s, mode %s",
             os.getpid(),
             daemon.jobs_file,
             paths.root,
             settings.gpu_backend,
-            f"-L {settings.tmux_socket}" if settings.tmux_socket else "default server",
+            daemon.runner_id,
+            settings.mode,
         )
         if not daemon.jobs_file.exists():
             log.info("waiting for %s to appear", daemon.jobs_file)
         daemon.run(stop)
-        log.info("gpusched stopped; running jobs keep running and will be re-adopted")
+        if settings.runner == "direct":
+            stopped = daemon.runner.close()  # type: ignore[attr-defined]
+            log.info("gpusched stopped; %d direct job(s) stopped with it", len(stopped))
+        else:
+            log.info("gpusched stopped; running jobs keep running and will be re-adopted")
     finally:
         store.close()
         lock.release()

@@ -53,6 +53,10 @@ class Job:
     ended_at: float | None
     rev: int = 0
     """Revision stamp: changes on every write to the row (see schema 002_job_revisions)."""
+    kind: str = "script"
+    """"script", or "command" (a commands-file line: `script` holds shell code)."""
+    declared: str = ""
+    """Requirements the script's header declared, as JSON (schema 003_inputs)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -119,9 +123,13 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         return [Job.from_row(r) for r in self.db.execute(sql, params)]
 
-    def jobs_changed_since(self, rev: int) -> list[Job]:
-        """Jobs inserted or updated after revision `rev`, in revision order."""
-        rows = self.db.execute("SELECT * FROM jobs WHERE rev > ? ORDER BY rev", (rev,))
+    def jobs_changed_since(self, rev: int, source_prefix: str = "") -> list[Job]:
+        """Jobs inserted or updated after revision `rev` (whose source starts with
+        `source_prefix`), in revision order."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE rev > ? AND substr(source, 1, ?) = ? ORDER BY rev",
+            (rev, len(source_prefix), source_prefix),
+        )
         return [Job.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
@@ -257,7 +265,8 @@ class Store:
             return
         cur = db.execute(
             "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args, allowed_gpus,"
-            " source, submitted_at, queued_at) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " source, kind, declared, submitted_at, queued_at)"
+            " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 spec.key,
                 spec.priority,
@@ -267,6 +276,8 @@ class Store:
                 spec.args,
                 allowed,
                 spec.source,
+                spec.kind,
+                spec.declared,
                 now,
                 now,
             ),

@@ -13,8 +13,7 @@ from app.store import Job
 
 
 def attach_argv(job: Job) -> list[str]:
-    runner = control.runner_for(job.runner or control.runner_id_for(None))
-    return runner.attach_argv(job.session or "")
+    return control.attach_argv(job)
 
 
 def attach(app: App[str], job: Job) -> tuple[str, SeverityLevel]:

@@ -46,7 +46,13 @@ class TimedProbe:
     never pile up, however long the driver stays stuck.
     """
 
-    def __init__(self, probe: GpuProbe, timeout_s: float = 5.0, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        probe: GpuProbe,
+        timeout_s: float = 5.0,
+        limit: int | None = None,
+        only: tuple[int, ...] | None = None,
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"GPU probe timeout must be > 0 seconds, got {timeout_s!r}")
         if limit is not None and limit < 1:
@@ -55,6 +61,7 @@ class TimedProbe:
         self.name = probe.name
         self.timeout_s = timeout_s
         self.limit = limit
+        self.only = None if only is None else frozenset(only)  # --gpu-ids: the GPUs we may use
         self._requests: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._hung: _Call | None = None  # the abandoned call, until it finally returns
@@ -81,6 +88,8 @@ class TimedProbe:
 
     def _apply_limit(self, gpus: list[GpuSnapshot]) -> list[GpuSnapshot]:
         ordered = sorted(gpus, key=lambda gpu: gpu.index)
+        if self.only is not None:
+            ordered = [gpu for gpu in ordered if gpu.index in self.only]
         return ordered if self.limit is None else ordered[: self.limit]
 
     def _still_hung_message(self, call: _Call) -> str:

@@ -25,7 +25,11 @@ class NoGpuBackend(Exception):  # noqa: N818 (name fixed by the agreed interface
 
 
 def make_probe(
-    backend: str, fake_gpus: Path | None, timeout_s: float = 5.0, limit: int | None = None
+    backend: str,
+    fake_gpus: Path | None,
+    timeout_s: float = 5.0,
+    limit: int | None = None,
+    only: tuple[int, ...] | None = None,
 ) -> TimedProbe:
     """Build the probe the scheduler polls; "auto" tries NVML, then GPUtil (nvidia-smi).
 
@@ -37,23 +41,23 @@ def make_probe(
     if backend == "fake" or (backend == "auto" and fake_gpus is not None):
         if fake_gpus is None:
             raise ValueError("--gpu-backend fake needs --fake-gpus FILE")
-        return TimedProbe(FakeProbe(fake_gpus), timeout_s, limit)
+        return TimedProbe(FakeProbe(fake_gpus), timeout_s, limit, only)
     if fake_gpus is not None:
         raise ValueError(f"--fake-gpus only works with --gpu-backend fake, not {backend}")
     if backend == "nvml":
-        return TimedProbe(NvmlProbe(), timeout_s, limit)
+        return TimedProbe(NvmlProbe(), timeout_s, limit, only)
     if backend == "gputil":
-        return TimedProbe(GputilProbe(), timeout_s, limit)
-    return _detect(timeout_s, limit)
+        return TimedProbe(GputilProbe(), timeout_s, limit, only)
+    return _detect(timeout_s, limit, only)
 
 
-def _detect(timeout_s: float, limit: int | None) -> TimedProbe:
+def _detect(timeout_s: float, limit: int | None, only: tuple[int, ...] | None) -> TimedProbe:
     reasons: dict[str, str] = {}
     candidates: list[tuple[str, GpuProbe]] = [("NVML", NvmlProbe()), ("GPUtil", GputilProbe())]
     for label, probe in candidates:
         # Probed through TimedProbe, since detection can hang on a wedged driver too. The probe
         # that works is returned as is, already initialised, with its worker thread.
-        timed = TimedProbe(probe, timeout_s, limit)
+        timed = TimedProbe(probe, timeout_s, limit, only)
         try:
             found = timed.snapshot()
         except ProbeError as exc:

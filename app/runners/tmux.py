@@ -8,12 +8,9 @@ the log pipe and remain-on-exit are in place before tmux reads the job's first b
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
-import sys
-import tempfile
 from pathlib import Path
 
 import libtmux
@@ -23,10 +20,7 @@ from libtmux.common import tmux_cmd
 from app import proctree
 from app.launch import LaunchRequest
 from app.runners.base import SESSION_PREFIX, Launched, LaunchError, RunnerError, SessionState
-
-#: Runs in the pane with the scheduler's interpreter (absolute path, so a PATH changed by
-#: conda activation or the user's shell cannot swap it).
-WRAPPER = Path(__file__).resolve().parent.parent / "wrapper.py"
+from app.runners.common import prepare_launch, wrapper_argv
 
 #: Pane option marking the job's own pane: a user who attaches may split the window, and
 #: the job's status must come from the wrapper's pane, not theirs.
@@ -40,29 +34,6 @@ _NO_SESSION = ("can't find session", "can't find window", "can't find pane")
 def _fmt_escape(text: str) -> str:
     """tmux expands `#{...}` formats in `-c` and in pipe-pane's command: keep `#` literal."""
     return text.replace("#", "##")
-
-
-def _write_spec(req: LaunchRequest) -> None:
-    """Atomically write the wrapper's launch spec; 0600 because it holds the environment."""
-    spec = {
-        "job_id": req.job_id,
-        "argv": req.argv,
-        "env": req.env,
-        "cwd": req.cwd,
-        "exit_file": str(req.exit_file),
-    }
-    # mkstemp creates the file 0600 from the start: the secrets are never world-readable.
-    fd, tmp = tempfile.mkstemp(dir=req.spec_file.parent, prefix=f".{req.spec_file.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(spec, f)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(req.spec_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
 
 
 def _dead_status(status: str, dead_signal: str) -> int | None:
@@ -100,11 +71,7 @@ class TmuxRunner:
 
     def launch(self, req: LaunchRequest) -> Launched:
         name = req.session
-        for d in (req.spec_file.parent, req.log_path.parent, req.exit_file.parent):
-            d.mkdir(parents=True, exist_ok=True)
-        # A record left by an earlier attempt of this job would read as this run's end.
-        req.exit_file.unlink(missing_ok=True)
-        _write_spec(req)
+        prepare_launch(req)
         # The job's environment travels in the spec, not through tmux: a server that is
         # already running (the user's) would give the pane *its* global environment, not
         # the scheduler's, and new-session -e cannot remove variables. The wrapper applies
@@ -114,9 +81,8 @@ class TmuxRunner:
             # -P -F: the pane's pid comes back from this same call (no extra list-panes).
             "new-session", "-d", "-P", "-F", "#{pane_pid}", "-s", name, "-x", "200", "-y", "50",
             "-c", _fmt_escape(req.cwd),
-            # Several words: tmux execs them directly, no shell ever parses them. -S skips
-            # site-packages and its .pth hooks: the stdlib-only wrapper starts ~50 ms sooner.
-            sys.executable, "-I", "-S", str(WRAPPER), str(req.spec_file),
+            # Several words: tmux execs them directly, no shell ever parses them.
+            *wrapper_argv(req.spec_file),
             ";", "set-option", "-w", "-t", target, "remain-on-exit", "on",
             ";", "set-option", "-p", "-t", target, PANE_MARK, str(req.job_id),
             ";", "pipe-pane", "-t", target, "-o",

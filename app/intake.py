@@ -1,0 +1,119 @@
+"""New lines of the input files -> pending jobs: the jobs file and the commands file.
+
+Both files go through the same tailer (offsets, rewrites, the lines already seen) and the same
+transaction that queues the jobs and moves the file's cursor, so no line runs twice; only the
+parser differs. A jobs-file line names a script, whose header may declare requirements.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from app import jobsfile, tailer
+from app.headers import read_header
+from app.models import JobSpec, LineError
+from app.store import Store
+
+log = logging.getLogger("gpusched")
+
+#: One line -> a job, an error for the user, or None (blank line, comment).
+Parser = Callable[[str, int], JobSpec | LineError | None]
+
+
+def command_parser(path: Path) -> Parser:
+    """A commands file: one shell command per line, `#` comments, default priority and GPUs."""
+
+    def parse(text: str, number: int) -> JobSpec | LineError | None:
+        command = text.rstrip("\r\n").removeprefix("\ufeff").strip()
+        if not command or command.startswith("#"):
+            return None
+        if "\0" in command:
+            return LineError(path.name, number, "a NUL byte cannot be part of a command")
+        return JobSpec(0, command, "", "", None, f"{path.name}:{number}", kind="command")
+
+    return parse
+
+
+def jobs_parser(path: Path, gpu_count: Callable[[], int | None]) -> Parser:
+    """The jobs file: `priority,script_path,conda_env,arguments,allowed_gpus`."""
+    headers: dict[str, str] = {}  # per read: a file of 10,000 lines names few scripts
+
+    def parse(text: str, number: int) -> JobSpec | LineError | None:
+        parsed = jobsfile.parse_line(
+            text, file=path.name, line=number, base_dir=path.parent, gpu_count=gpu_count()
+        )
+        if not isinstance(parsed, JobSpec):
+            return parsed
+        if parsed.script not in headers:
+            headers[parsed.script] = read_header(Path(parsed.script))
+        declared = headers[parsed.script]
+        if not declared:
+            return parsed
+        return JobSpec(
+            parsed.priority,
+            parsed.script,
+            parsed.conda_env,
+            parsed.args,
+            parsed.allowed_gpus,
+            parsed.source,
+            declared=declared,
+        )
+
+    return parse
+
+
+def read_file(store: Store, path: Path, parse: Parser, now: float) -> list[int]:
+    """Queue the complete new lines of `path`; returns the ids of jobs queued (or re-queued)."""
+    key = str(path)
+    cursor_json = store.cursor_json(key)
+    cursor = tailer.FileCursor.from_json(cursor_json) if cursor_json else tailer.FileCursor()
+    previous: list[Counter[str]] = []
+
+    def load_seen() -> Counter[str]:
+        previous.append(store.seen_lines(key))
+        return previous[-1]
+
+    result = tailer.read_new(path, cursor, load_seen)
+    if not result.lines and result.cursor == cursor and not result.rewritten:
+        return []
+    specs: list[JobSpec] = []
+    errors: list[LineError] = []
+    for number, text in result.lines:
+        parsed = parse(text, number)
+        if isinstance(parsed, JobSpec):
+            specs.append(parsed)
+        elif isinstance(parsed, LineError):
+            errors.append(parsed)
+            log.error("%s", parsed)
+    report = store.ingest(
+        key,
+        result.cursor.to_json(),
+        _seen_after_rewrite(result, previous),
+        result.appended_hashes,
+        specs,
+        errors,
+        now,
+    )
+    for source, job_id, state in report.duplicates:
+        log.info("%s: duplicate of job %d (%s), skipped", source, job_id, state)
+    for job_id in report.queued:
+        log.info("job %d queued", job_id)
+    for job_id in report.requeued:
+        log.info("job %d queued again", job_id)
+    return report.queued + report.requeued
+
+
+def _seen_after_rewrite(
+    result: tailer.TailResult, previous: list[Counter[str]]
+) -> Counter[str] | None:
+    """After a rewrite, remember the union of the old and new versions' lines.
+
+    A read can land mid-save (an editor truncates, then writes): forgetting the old
+    version there would bring its lines back as new on the next read.
+    """
+    if not result.rewritten or result.seen_after is None:
+        return None
+    return (previous[0] | result.seen_after) if previous else result.seen_after
