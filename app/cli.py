@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--args", default="", help='arguments, e.g. --args "--llm qwen2.5-7b-inst"')
     p.add_argument("--priority", type=int, default=0, help="lower runs first (default 0)")
     p.add_argument("--gpus", default="", help='allowed GPUs, e.g. "0-3" or "4,5" (default: any)')
+    for flag, what in (
+        ("--vram", "GPU memory the job needs per GPU, GB (--mode memory/detected, waits)"),
+        ("--ram", "host RAM the job needs, GB (waits until that much is available)"),
+        ("--ramp-up", "seconds the job takes to allocate its memory (default: the scheduler's)"),
+    ):
+        p.add_argument(flag, type=float, help=f"{what}; written as --gpusched-{flag[2:]}")
     p.add_argument(
         "--output-file",
         type=Path,
@@ -223,7 +229,11 @@ def cmd_add(args: argparse.Namespace) -> int:
         running = control.scheduler_pid(paths) is not None and paths.db.exists()
         target = Path(Store(paths.db).meta("jobs_file") or "jobs.txt") if running else None
         target = target or Path("jobs.txt")
-    spec = JobSpec(args.priority, str(script), args.conda, args.args, allowed)
+    words = [args.args] if args.args else []
+    for flag, value in (("vram", args.vram), ("ram", args.ram), ("ramp-up", args.ramp_up)):
+        if value is not None:  # directives the scheduler reads and removes (app/headers.py)
+            words.append(f"--gpusched-{flag} {value:g}")
+    spec = JobSpec(args.priority, str(script), args.conda, " ".join(words), allowed)
     line = jobsfile.format_line(spec)
     jobsfile.append_line(Path(target), line)
     print(f"added to {target}: {line}")
