@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from app.headers import read_header
 from app.models import JobState
 from app.paths import StatePaths
 from app.runners import Runner, TmuxRunner
@@ -186,6 +187,8 @@ def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
 
 def retry_job(store: Store, paths: StatePaths, job_id: int) -> str:
     job = get_job(store, job_id)
+    if job.kind == "script":  # the user may have fixed the script's header meanwhile
+        store.set_fields(job_id, declared=read_header(Path(job.script)))
     if not store.retry(job_id, time.time()):
         raise ActionError(
             f"job {job_id} is {job.status}; only failed, killed, lost or unschedulable jobs "

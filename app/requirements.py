@@ -207,16 +207,19 @@ class LlmConfigCache:
             return config
 
 
-def resolve(config: LlmConfig, args: str, declared: str = "") -> Requirement:
+def resolve(
+    config: LlmConfig, args: str, declared: str = "", directives: bool = True
+) -> Requirement:
     """A job's requirement: GPUs (and memory) from its `--llm` model, then what the script's
-    header (`declared`) and the line's `--gpusched-*` directives declare, the line winning."""
+    header (`declared`) and the line's `--gpusched-*` directives declare, the line winning.
+    A commands-file line is the user's shell code: no directives are read from it."""
     base = config.requirement(args)
     try:
-        words = shlex.split(args)
+        words = shlex.split(args) if directives else []
     except ValueError:
         words = args.split()
-    directives, _ = headers.split_directives(words)
-    own = directives.over(headers.decode(declared))
+    line, _ = headers.split_directives(words)
+    own = line.over(headers.decode(declared))
     vram = own.vram_mb if own.vram_mb is not None else base.vram_mb
     return Requirement(base.amount, vram, ram_mb=own.ram_mb, ramp_up_s=own.ramp_up_s)
 
@@ -227,16 +230,18 @@ class RequirementMemo:
 
     def __init__(self) -> None:
         self._config: LlmConfig | None = None
-        self._found: dict[tuple[str, str], Requirement | RequirementError] = {}
+        self._found: dict[tuple[str, str, bool], Requirement | RequirementError] = {}
 
-    def get(self, config: LlmConfig, args: str, declared: str = "") -> Requirement:
+    def get(
+        self, config: LlmConfig, args: str, declared: str = "", directives: bool = True
+    ) -> Requirement:
         if config is not self._config:
             self._config = config
             self._found.clear()
-        key = (args, declared)
+        key = (args, declared, directives)
         if key not in self._found:
             try:
-                self._found[key] = resolve(config, args, declared)
+                self._found[key] = resolve(config, args, declared, directives)
             except RequirementError as exc:
                 self._found[key] = exc
         found = self._found[key]

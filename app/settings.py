@@ -99,6 +99,11 @@ class Settings:
             ramp_up_s=self.ramp_up,
             starvation_s=self.starvation_timeout,
             backfill=self.backfill,
+            mode=self.mode,
+            max_workers=self.max_workers,
+            min_free_mem_mb=self.min_free_mem_mb,
+            max_ram=self.max_ram,
+            max_vram=self.max_vram,
         )
 
     def validate(self) -> Settings:
@@ -109,6 +114,15 @@ class Settings:
                 raise SettingsError(f"{f.name} {problem}", f.name)
         if self.gpu_backend == "fake" and self.fake_gpus is None:
             raise SettingsError("--gpu-backend fake needs --fake-gpus FILE")
+        if self.commands_file is not None and (
+            self.commands_file.resolve() == self.jobs_file.resolve()
+        ):
+            raise SettingsError(
+                f"commands_file and jobs_file are the same file ({self.jobs_file}): a file is "
+                "either a jobs file (priority,script,env,args,gpus) or one command per line; "
+                "set jobs_file to another path",
+                "commands_file",
+            )
         return self
 
 

@@ -1,16 +1,26 @@
 """`gpusched status`: one snapshot of GPUs, jobs and jobs-file errors, read from the database.
 
-The JSON shape is documented in docs/status-json.md; keep the two in step.
+The JSON shape is documented in docs/status-json.md; keep the two in step. The plain view
+prints one line per job, most relevant first (running, pending in queue order, recently ended):
+
+    [→] #12 python3 train.py --lr 3  → GPU 0 → running (pid 1234, 3m05s)
+    [ ] #14 eval.py --split test     → pending (needs 1 GPU: GPU 0 share 1/1.0 used)
+    [✗] #11 python3 bad.py           → GPU 1 → failed (exit 3)
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from app.control import scheduler_pid
-from app.models import JobState
+from app.models import ENDED_STATES, JobState
 from app.paths import StatePaths
 from app.store import Job, Store
 
@@ -23,6 +33,29 @@ SYMBOL = {
     JobState.LOST: "[?]",
     JobState.UNSCHEDULABLE: "[!]",
 }
+#: Most lines of each group the plain view prints; the rest are counted on a `… N more` line.
+LIMITS = {"running": 50, "pending": 20, "ended": 10}
+#: Longest command text shown; longer ones end with `…` (`--json` has them whole).
+COMMAND_WIDTH = 60
+
+
+@dataclass(frozen=True)
+class PlainJob:
+    """What the plain view shows of a job beyond its JSON entry."""
+
+    kind: str  # "script", or "command" (a commands-file line: `script` is shell code)
+    command: str | None  # the command as launched (launch.display_command), None before
+    pid: int | None
+    seq: int  # queue order within a priority
+
+
+class Status(dict[str, Any]):
+    """`build_status`'s answer: exactly the `--json` object, plus `plain` (job id ->
+    PlainJob) for the plain view, kept out of the JSON, whose shape is documented."""
+
+    def __init__(self, data: dict[str, Any], plain: dict[int, PlainJob]) -> None:
+        super().__init__(data)
+        self.plain = plain
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -46,7 +79,7 @@ def job_dict(job: Job) -> dict[str, Any]:
     }
 
 
-def build_status(store: Store, paths: StatePaths) -> dict[str, Any]:
+def build_status(store: Store, paths: StatePaths) -> Status:
     jobs = store.jobs()
     paused = store.paused()
     running = [j for j in jobs if j.status == JobState.RUNNING]
@@ -66,7 +99,7 @@ def build_status(store: Store, paths: StatePaths) -> dict[str, Any]:
             }
         )
     pid = scheduler_pid(paths)
-    return {
+    data = {
         "scheduler": {
             "running": pid is not None,
             "pid": pid,
@@ -80,39 +113,130 @@ def build_status(store: Store, paths: StatePaths) -> dict[str, Any]:
         "jobs": [job_dict(j) for j in jobs],
         "errors": [str(e) for e in store.line_errors()],
     }
+    plain = {j.id: PlainJob(j.kind, j.command, j.pid, j.seq) for j in jobs}
+    return Status(data, plain)
 
 
-def _job_line(job: dict[str, Any], now: float) -> str:
-    state = JobState(job["status"])
-    words = [SYMBOL[state], f"#{job['id']}", _short_command(job)]
-    if job["gpus"]:
-        words += ["→ GPU", ",".join(map(str, job["gpus"]))]
-    if state == JobState.RUNNING:
-        since = now - (job["started_at"] or now)
-        words.append(f"→ running {_duration(since)}")
-    elif state == JobState.PENDING:
-        words.append(f"→ pending ({job['reason'] or 'waiting for the next pass'})")
-    elif state in (JobState.FAILED, JobState.KILLED, JobState.LOST):
-        code = f" (exit {job['exit_code']})" if job["exit_code"] is not None else ""
-        reason = f": {job['reason']}" if job["reason"] and not code else ""
-        words.append(f"→ {state}{code}{reason}")
-    elif state == JobState.UNSCHEDULABLE:
-        words.append(f"→ unschedulable: {job['reason']}")
+# ---- the plain view -------------------------------------------------------------------------
+
+
+def _plain(status: dict[str, Any], job: dict[str, Any]) -> PlainJob:
+    """The job's PlainJob; a plain dict (e.g. read back from `--json`) gives what it can."""
+    found = getattr(status, "plain", {}).get(job["id"])
+    return found if found is not None else PlainJob("script", None, None, job["id"])
+
+
+def command_text(job: dict[str, Any], plain: PlainJob) -> str:
+    """What the job runs, short: a commands-file line as written; once launched, the command
+    with the script's directory and the scheduler's `--cuda` left out (`python3 train.py
+    --lr 3`); before, the script's name and its arguments as written."""
+    if plain.kind == "command":
+        text = job["script"]
+    elif plain.command:
+        text = _script_by_name(plain.command, ",".join(map(str, job["gpus"])))
     else:
-        words.append(f"→ {state}")
-    return " ".join(words)
+        text = f"{PurePath(job['script']).name} {job['args']}".strip()
+    text = " ".join(text.split())  # one line, whatever the command's whitespace
+    return text if len(text) <= COMMAND_WIDTH else text[: COMMAND_WIDTH - 1] + "…"
 
 
-def _short_command(job: dict[str, Any]) -> str:
-    script = job["script"].rsplit("/", 1)[-1]
-    text = f"{script} {job['args']}".strip()
-    return text if len(text) <= 60 else text[:57] + "..."
+def _script_by_name(command: str, gpus: str) -> str:
+    """`python3 /home/u/train.py --lr 3 --cuda 0` -> `python3 train.py --lr 3`: the script (the
+    first word, or the second after its interpreter) by its name, and without the `--cuda` the
+    scheduler wrote, which the GPU column shows."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    for i, word in enumerate(words[:2]):
+        if word.startswith("/"):
+            words[i] = PurePath(word).name
+            break
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        if words[i] == "--cuda" and words[i + 1 : i + 2] == [gpus]:
+            i += 2
+            continue
+        if words[i] != f"--cuda={gpus}":
+            out.append(words[i])
+        i += 1
+    return shlex.join(out)
+
+
+def _outcome(job: dict[str, Any], plain: PlainJob, now: float) -> str:
+    state = JobState(job["status"])
+    reason = job["reason"]
+    if state == JobState.RUNNING:
+        since = _duration(now - (job["started_at"] or now))
+        return f"running (pid {plain.pid}, {since})" if plain.pid else f"running ({since})"
+    if state == JobState.PENDING:
+        return f"pending ({reason or 'waiting for the next pass'})"
+    if state == JobState.FAILED:
+        if job["exit_code"] is not None:
+            return f"failed (exit {job['exit_code']})"
+        return f"failed ({reason})" if reason else "failed"
+    if state in (JobState.LOST, JobState.UNSCHEDULABLE) and reason:
+        return f"{state} ({reason})"
+    return str(state)  # completed, killed
 
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _groups(jobs: list[dict[str, Any]], status: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """(group, its jobs in display order): running by start, pending in queue order (priority,
+    then first come first served), ended ones most recent first."""
+    running = [j for j in jobs if j["status"] == JobState.RUNNING]
+    pending = [j for j in jobs if j["status"] == JobState.PENDING]
+    ended = [j for j in jobs if JobState(j["status"]) in ENDED_STATES]
+    running.sort(key=lambda j: (j["started_at"] or 0.0, j["id"]))
+    pending.sort(key=lambda j: (j["priority"], _plain(status, j).seq, j["id"]))
+    ended.sort(key=lambda j: (-(j["ended_at"] or j["submitted_at"] or 0.0), -j["id"]))
+    return [("running", running), ("pending", pending), ("ended", ended)]
+
+
+def format_jobs(
+    status: dict[str, Any], now: float, limits: Mapping[str, int] = LIMITS
+) -> list[str]:
+    """The jobs section: a count line, then one aligned line per job shown, each group's
+    overflow counted on a `… N more` line."""
+    jobs = status["jobs"]
+    if not jobs:
+        return ["jobs: none"]
+    counts = Counter(JobState(j["status"]) for j in jobs)
+    summary = ", ".join(f"{counts[s]} {s}" for s in JobState if counts[s])
+    groups = [(name, members, members[: limits[name]]) for name, members in _groups(jobs, status)]
+    rows = {
+        j["id"]: (
+            SYMBOL[JobState(j["status"])],
+            f"#{j['id']}",
+            command_text(j, _plain(status, j)),
+            f"GPU {','.join(map(str, j['gpus']))}" if j["gpus"] else "",
+            _outcome(j, _plain(status, j), now),
+        )
+        for _, _, shown in groups
+        for j in shown
+    }
+    id_width = max((len(r[1]) for r in rows.values()), default=0)
+    cmd_width = max((len(r[2]) for r in rows.values()), default=0)
+    gpu_width = max((len(r[3]) for r in rows.values()), default=0)
+    lines = [f"jobs: {len(jobs)} ({summary})"]
+    for name, members, shown in groups:
+        for j in shown:
+            symbol, job_id, command, gpus, outcome = rows[j["id"]]
+            place = f"→ {gpus:<{gpu_width}} → " if gpus else "→ "
+            lines.append(
+                f"  {symbol} {job_id:<{id_width}} {command:<{cmd_width}}  {place}{outcome}"
+            )
+        if len(members) > len(shown):
+            lines.append(f"  … {len(members) - len(shown)} more {name}")
+    if any(len(members) > len(shown) for _, members, shown in groups):
+        lines.append("  (gpusched status --json lists every job)")
+    return lines
 
 
 def format_status(status: dict[str, Any], now: float | None = None) -> str:
@@ -131,10 +255,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             f"  GPU {gpu['index']} {gpu['name']}: share {gpu['allocated']:g}/1.0, {mem}, "
             f"load {gpu['utilization'] * 100:.0f}%{flag}{on_gpu}"
         )
-    order = {JobState.RUNNING: 0, JobState.PENDING: 1}
-    jobs = sorted(status["jobs"], key=lambda j: (order.get(JobState(j["status"]), 2), j["id"]))
-    lines.append(f"jobs: {len(jobs)}" if jobs else "jobs: none")
-    lines += [f"  {_job_line(j, now)}" for j in jobs]
+    lines += format_jobs(status, now)
     if status["errors"]:
         lines.append("jobs file errors:")
         lines += [f"  {e}" for e in status["errors"]]

@@ -257,8 +257,16 @@ class Store:
             # An identical line queues a failed (killed, lost, unschedulable) job again.
             db.execute(
                 "UPDATE jobs SET priority = ?, allowed_gpus = ?, source = ?, seq = ?, "
-                "queued_at = ? WHERE id = ?",
-                (spec.priority, allowed, spec.source, _next_seq(db), now, row["id"]),
+                "queued_at = ?, declared = ? WHERE id = ?",
+                (
+                    spec.priority,
+                    allowed,
+                    spec.source,
+                    _next_seq(db),
+                    now,
+                    spec.declared,
+                    row["id"],
+                ),
             )
             _reset_to_pending(db, row["id"], now, f"queued again by {spec.source}")
             requeued.append(row["id"])

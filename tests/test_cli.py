@@ -111,7 +111,7 @@ def test_add_goes_to_the_running_schedulers_file_and_runs(
     code, out, _ = running.run(capsys, "sessions")
     assert job["session"] in out and "attach -t" in out
     code, out, _ = running.run(capsys, "status")
-    assert "[→] #1 job.py --llm half --sleep 30 → GPU 0 → running" in out
+    assert "[→] #1 python3 job.py --llm half --sleep 30  → GPU 0 → running (" in out
 
 
 def test_pause_kill_retry_reach_the_scheduler(
