@@ -81,6 +81,11 @@ def serve(settings: Settings, stop: threading.Event | None = None, console: bool
         daemon.run(stop)
         if settings.runner == "direct":
             stopped = daemon.runner.close()  # type: ignore[attr-defined]
+            # The stopped children recorded their exit (SIGTERM: 143) before close() returned;
+            # record it now, or the database shows them running until the next start.
+            daemon.reaper.reap(time.time(), check_sessions=False)
+            if daemon.spool is not None:
+                daemon.spool.sync()
             log.info("gpusched stopped; %d direct job(s) stopped with it", len(stopped))
         else:
             log.info("gpusched stopped; running jobs keep running and will be re-adopted")
