@@ -3,16 +3,67 @@
 `allocate` is pure (no I/O, no clock) so the daemon, `status` and the simulator all get the same
 answer from the same inputs. It walks the queue once in (priority, seq) order against a working
 ledger; reasons are computed once per job class and ledger state, so a long queue stays cheap.
+
+How jobs share a GPU depends on `Policy.mode` (the per-GPU rules live in app.allocator_rules):
+
+- `share` (default): the fractional ledger; a GPU takes a job while our shares on it stay <= 1.0.
+- `exclusive`: one job per GPU at a time: a fractional requirement counts as one whole GPU
+  (share 1.0), N-GPU jobs still take N whole GPUs.
+- `memory`: GPUs are shared by declared memory and the fractional share is ignored. A job with
+  `vram_mb` fits a GPU if the declared memory of our jobs there (an undeclared job counts as the
+  whole GPU) plus its own stays within the GPU's total minus what other processes use. A job
+  without a declaration needs a GPU with none of our jobs on it. Placements report vram_mb / total
+  of the smallest chosen GPU as their share (1.0 when undeclared), for display.
+- `detected`: by free memory as the probe reports it (plus ramp-up reservations). A job needs
+  `vram_mb` free if declared, else `min_free_mem_mb` if set, else its share of the GPU's memory.
+  No share ledger: jobs stack on a GPU as its memory allows. Jobs placed in this call always
+  reserve their memory for the rest of the call (the probe predates them), whatever their ramp-up.
+- Multi-GPU jobs need N GPUs with nothing of ours on them, in every mode (share 1.0 each, except
+  declared jobs in memory mode, whose declared memory later single-GPU jobs may share around).
+
+In every mode: paused GPUs, GPUs held for a starving job, `mem_threshold` (memory of other
+processes) and `load_threshold` (on GPUs without our jobs) keep a GPU off; so do `min_free_mem_mb`
+(free memory = total - used - reservations, below it), a declared `vram_mb` above the free memory,
+and `max_vram` (used + reservations + this job's expected memory above that fraction of the
+total). A job's expected memory is its `vram_mb`, else its share (as the mode counts it) of the
+GPU's total.
+
+Ramp-up: a running job counts as ramping while now - started_at is below its own `ramp_up_s`, or
+the policy's when it has none; a job placed in this call ramps if that ramp-up is above 0.
+Ramping jobs' expected GPU memory counts as used and, with a `host` snapshot, their declared
+`ram_mb` counts as used host RAM (jobs placed in this call always count theirs for the rest of
+the call).
+
+Host RAM (only with `host`; jobs without `ram_mb` ignore it): a job with `ram_mb` waits unless it
+fits in the available RAM minus those reservations and, with `max_ram`, unless used + reserved +
+ram_mb stays within max_ram × total. `max_workers` caps our running jobs (those running plus those
+placed in this call). A job waiting for RAM or for a worker slot holds no GPUs.
+
+A job is unschedulable (for good) when no allowed GPU exists, it needs more GPUs than allowed, its
+`vram_mb` is above every allowed GPU's total, its expected memory is above `max_vram` of every
+allowed GPU, or its `ram_mb` is above the host's total RAM or `max_ram` of it. Policy-wide limits
+alone (`min_free_mem_mb`, `max_workers`) only make jobs wait.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from operator import attrgetter
 
+from app.allocator_rules import (
+    GpuState,
+    Need,
+    gpu_problem,
+    group,
+    ids,
+    never_fits,
+    ram_problem,
+    wait_reason,
+)
 from app.models import (
     AllocationResult,
     GpuSnapshot,
+    HostSnapshot,
     Placement,
     Policy,
     QueuedJob,
@@ -20,11 +71,10 @@ from app.models import (
     RunningJob,
 )
 
-_EPS = 1e-9
-_MB_EPS = 1e-6
-
-#: (amount, declared vram, normalised allowed GPUs): jobs of one class get the same answer.
-_ClassKey = tuple[float, int | None, tuple[int, ...] | None]
+#: (amount, declared vram, declared ram, normalised allowed GPUs): jobs of one class get the same
+#: answer (a job's own ramp-up changes what it reserves once placed, not whether it fits).
+_ClassKey = tuple[float, int | None, int | None, tuple[int, ...] | None]
+_Issue = tuple[int, str]
 
 
 def allocate(
@@ -35,6 +85,7 @@ def allocate(
     policy: Policy,
     now: float,
     probe_error: str = "",
+    host: HostSnapshot | None = None,
 ) -> AllocationResult:
     """Place what fits now; every other queued job gets a reason or is unschedulable."""
     result = AllocationResult()
@@ -44,39 +95,13 @@ def allocate(
         for job in queue:
             result.reasons[job.id] = reason
         return result
-    ledger = _Ledger(gpus, running, frozenset(paused), policy, now)
-    _Pass(ledger, result).run(sorted(queue, key=lambda j: (j.priority, j.seq, j.id)))
+    ledger = _Ledger(gpus, running, frozenset(paused), policy, now, host)
+    _Pass(ledger, result).run(sorted(queue, key=attrgetter("priority", "seq", "id")))
     return result
 
 
-@dataclass
-class _Gpu:
-    """One GPU's working state during a call: the snapshot plus what we hold on it."""
-
-    snap: GpuSnapshot
-    share: float = 0.0  # ledger: sum of our shares on this GPU
-    ours_mb: float = 0.0  # expected memory of our jobs
-    ramping_mb: float = 0.0  # expected memory of our jobs still inside their ramp-up
-
-    @property
-    def total(self) -> int:
-        return self.snap.memory_total_mb
-
-    @property
-    def effective_used(self) -> float:
-        # A just-launched job has not allocated its memory yet: count it as used meanwhile.
-        return self.snap.memory_used_mb + self.ramping_mb
-
-    @property
-    def others_mb(self) -> float:
-        return max(0.0, self.effective_used - self.ours_mb)
-
-    def expected_mb(self, share: float, vram_mb: int | None) -> float:
-        return float(vram_mb) if vram_mb is not None else share * self.total
-
-
 class _Ledger:
-    """GPUs, pauses and holds, updated as the call places jobs."""
+    """GPUs, host RAM, pauses and holds, updated as the call places jobs."""
 
     def __init__(
         self,
@@ -85,33 +110,55 @@ class _Ledger:
         paused: frozenset[int],
         policy: Policy,
         now: float,
+        host: HostSnapshot | None,
     ) -> None:
-        self.gpus = {g.index: _Gpu(g) for g in sorted(gpus, key=lambda g: g.index)}
+        self.gpus = {g.index: GpuState(g) for g in sorted(gpus, key=lambda g: g.index)}
         self.ids = tuple(self.gpus)
         self.paused = paused
         self.policy = policy
+        self.mode = policy.mode
         self.now = now
+        self.host = host
         self.held: dict[int, str] = {}  # GPU -> "job N (waiting Ns)"
         self.version = 0  # bumped on every change, so cached answers know when they are stale
+        self.changed = dict.fromkeys(self.ids, 0)  # GPU -> version of its last change
+        self.ram_changed = 0  # version of the last change to reserved RAM
+        self.workers = len({job.id for job in running})
+        self.ram_reserved = 0.0  # declared RAM of ramping jobs
         self._allowed: dict[tuple[int, ...] | None, tuple[int, ...]] = {}
+        self._holds: dict[tuple[tuple[int, ...], int], int] = {}  # (cands, n) -> version seen
+        self._problems: dict[tuple[tuple[float, int, int | None], int], tuple[int, str | None]] = {}
         for job in running:
+            ramp = job.ramp_up_s if job.ramp_up_s is not None else policy.ramp_up_s
+            ramping = now - job.started_at < ramp
+            if ramping and job.ram_mb is not None:
+                self.ram_reserved += job.ram_mb
             for g in set(job.gpus):
                 if g in self.gpus:
-                    self._add(g, job.share, job.vram_mb, now - job.started_at < policy.ramp_up_s)
+                    self.gpus[g].add(job.share, job.vram_mb, ramping)
 
-    def _add(self, g: int, share: float, vram_mb: int | None, ramping: bool) -> None:
-        gpu = self.gpus[g]
-        mem = gpu.expected_mb(share, vram_mb)
-        gpu.share += share
-        gpu.ours_mb += mem
-        if ramping:
-            gpu.ramping_mb += mem
-
-    def place(self, gpus: tuple[int, ...], req: Requirement) -> None:
-        # Placed now, so it counts as ramping unless the policy has no ramp-up at all.
-        for g in gpus:
-            self._add(g, req.share, req.vram_mb, self.policy.ramp_up_s > 0)
+    def place(
+        self, gpus: tuple[int, ...], need: Need, share: float, ramp_up_s: float | None
+    ) -> None:
+        ramp = ramp_up_s if ramp_up_s is not None else self.policy.ramp_up_s
+        # Placed now, so it counts as ramping unless it has no ramp-up at all; in detected mode
+        # nothing else stops the next job from landing on the same memory, so it always counts.
+        ramping = ramp > 0 or self.mode == "detected"
         self.version += 1
+        for g in gpus:
+            self.gpus[g].add(share, need.vram_mb, ramping)
+            self.changed[g] = self.version
+        if need.ram_mb is not None:
+            self.ram_reserved += need.ram_mb
+            self.ram_changed = self.version
+        self.workers += 1
+
+    def unchanged(self, cands: tuple[int, ...], since: int) -> bool:
+        """Whether none of cands changed (placement or hold) after version `since`."""
+        if since == self.version:
+            return True
+        changed = self.changed
+        return all(changed[g] <= since for g in cands)
 
     def allowed(self, allowed_key: tuple[int, ...] | None) -> tuple[int, ...]:
         """Existing GPUs a job may use, ascending."""
@@ -121,62 +168,57 @@ class _Ledger:
             found = self._allowed[allowed_key] = tuple(g for g in self.ids if g in keep)
         return found
 
-    def problem(self, g: int, req: Requirement) -> str | None:
-        """Why GPU g cannot take (one GPU's worth of) req now, or None if it can."""
+    def problem(self, g: int, need: Need) -> str | None:
+        """Why GPU g cannot take (one GPU's worth of) need now, or None if it can."""
         if g in self.paused:
             return "paused"
         if g in self.held:
             return f"held for {self.held[g]}"
-        gpu, pol = self.gpus[g], self.policy
-        if req.gpu_count > 1 and gpu.share > _EPS:
-            return f"share {gpu.share:g}/1.0 used"
-        if gpu.share + req.share > 1.0 + _EPS:
-            return f"share {gpu.share:g}/1.0 used"
-        if gpu.others_mb >= pol.mem_threshold * gpu.total:
-            return (
-                f"memory {_pct(gpu.others_mb, gpu.total)} used by other processes "
-                f"(threshold {pol.mem_threshold * 100:.0f}%)"
-            )
-        # Load on a GPU we already run on is our own, so it only guards GPUs free of our jobs.
-        if gpu.share <= _EPS and gpu.snap.utilization >= pol.load_threshold:
-            return (
-                f"load {gpu.snap.utilization * 100:.0f}% "
-                f"(threshold {pol.load_threshold * 100:.0f}%)"
-            )
-        free = gpu.total - gpu.effective_used
-        if req.vram_mb is not None and req.vram_mb > free + _MB_EPS:
-            return f"has {max(0.0, free):.0f} MB free"
-        return None
+        return gpu_problem(self.gpus[g], need, self.policy)
 
-    def check(self, req: Requirement, cands: tuple[int, ...]) -> tuple[list[int], list[_Issue]]:
+    def check(self, need: Need, cands: tuple[int, ...]) -> tuple[list[int], list[_Issue]]:
         ok: list[int] = []
         issues: list[_Issue] = []
+        # A GPU's answer depends on its own state and the need alone (not on the allowed GPUs or
+        # RAM), so it is shared by classes and kept until that GPU changes.
+        sig, changed, known = (need.share, need.count, need.vram_mb), self.changed, self._problems
         for g in cands:
-            why = self.problem(g, req)
+            hit = known.get((sig, g))
+            if hit is not None and hit[0] >= changed[g]:
+                why = hit[1]
+            else:
+                why = self.problem(g, need)
+                known[(sig, g)] = (self.version, why)
             if why is None:
                 ok.append(g)
             else:
                 issues.append((g, why))
         return ok, issues
 
-    def choose(self, ok: list[int], req: Requirement) -> tuple[int, ...] | None:
-        n = req.gpu_count
+    def choose(self, ok: list[int], need: Need) -> tuple[int, ...] | None:
+        n = need.count
         if n > 1:
             return tuple(ok[:n]) if len(ok) >= n else None
         if not ok:
             return None
         # Best fit keeps empty GPUs free for multi-GPU jobs; spread balances load instead.
         sign = -1.0 if self.policy.pack else 1.0
-        return (min(ok, key=lambda g: (sign * round(self.gpus[g].share, 9), g)),)
+        mode = self.mode
+        return (min(ok, key=lambda g: (sign * round(self.gpus[g].fill(mode), 9), g)),)
 
     def hold(self, job: QueuedJob, cands: tuple[int, ...]) -> tuple[int, ...]:
         """Hold the GPUs a starving job will use once they free up; returns the newly held ones."""
-        free = [g for g in cands if g not in self.paused]
         n = job.requirement.gpu_count
+        # The same GPUs in the same state pick the same ones again, all already held: skip.
+        seen = self._holds.get((cands, n))
+        if seen is not None and self.unchanged(cands, seen):
+            return ()
+        free = [g for g in cands if g not in self.paused]
         if len(free) < n:
             return ()  # it needs a paused GPU back first: holding the rest would only idle them
-        # Least share used = first to drain (and, for one GPU, the most free share).
-        chosen = sorted(free, key=lambda g: (round(self.gpus[g].share, 9), g))[:n]
+        # Least used = first to drain (and, for one GPU, the most free share).
+        mode = self.mode
+        chosen = sorted(free, key=lambda g: (round(self.gpus[g].fill(mode), 9), g))[:n]
         label = f"job {job.id} (waiting {self.now - job.waiting_since:.0f}s)"
         # A GPU already held for an earlier starving job stays theirs: it frees for them first.
         new = tuple(sorted(g for g in chosen if g not in self.held))
@@ -184,10 +226,10 @@ class _Ledger:
             self.held[g] = label
         if new:
             self.version += 1
+            for g in new:
+                self.changed[g] = self.version
+        self._holds[(cands, n)] = self.version
         return new
-
-
-_Issue = tuple[int, str]
 
 
 class _Pass:
@@ -196,9 +238,18 @@ class _Pass:
     def __init__(self, ledger: _Ledger, result: AllocationResult) -> None:
         self.ledger = ledger
         self.result = result
-        self.never: dict[_ClassKey, str | None] = {}
-        self.waits: dict[tuple[_ClassKey, int], str] = {}
+        #: (amount, vram, ram, allowed GPUs as written) -> its class, worked out once
+        self.classes: dict[
+            tuple[float, int | None, int | None, tuple[int, ...] | None],
+            tuple[_ClassKey, Need, str | None, tuple[int, ...]],
+        ] = {}
+        #: class -> (reason, GPUs to blame (not RAM), version it was worked out at): still true
+        #: while none of the class's GPUs (and, for RAM, the reserved RAM) changed since.
+        self.waits: dict[_ClassKey, tuple[str, bool, int]] = {}
         self.blocked_by: int | None = None  # first blocked job, when backfill is off
+        self.grouped: dict[tuple[_Issue, ...], str] = {}
+        self.max_workers = ledger.policy.max_workers
+        self.workers_reason = f"max workers ({self.max_workers}) running"
 
     def run(self, jobs: list[QueuedJob]) -> None:
         done: set[int] = set()
@@ -208,101 +259,70 @@ class _Pass:
                 self.visit(job)
 
     def visit(self, job: QueuedJob) -> None:
-        req = job.requirement
-        allowed_key = None if job.allowed_gpus is None else tuple(sorted(set(job.allowed_gpus)))
-        key: _ClassKey = (req.amount, req.vram_mb, allowed_key)
-        cands = self.ledger.allowed(allowed_key)
-        if key not in self.never:
-            self.never[key] = _never_fits(req, allowed_key, cands, self.ledger)
-        never = self.never[key]
+        req, ledger = job.requirement, self.ledger
+        raw = (req.amount, req.vram_mb, req.ram_mb, job.allowed_gpus)
+        known = self.classes.get(raw)
+        if known is None:
+            known = self.classes[raw] = self.classify(req, job.allowed_gpus)
+        key, need, never, cands = known
         if never is not None:
             self.result.unschedulable[job.id] = never
+            return
+        if self.max_workers is not None and ledger.workers >= self.max_workers:
+            # Nothing more starts in this call, so order holds without blocking anyone.
+            self.result.reasons[job.id] = self.workers_reason
             return
         if self.blocked_by is not None:
             self.result.reasons[job.id] = f"behind job {self.blocked_by}"
             return
-        reason = self.waits.get((key, self.ledger.version))
-        if reason is None:
-            ok, issues = self.ledger.check(req, cands)
-            chosen = self.ledger.choose(ok, req)
-            if chosen is not None:
-                self.ledger.place(chosen, req)
-                self.result.placements.append(Placement(job.id, chosen, req.share))
-                return
-            reason = self.waits[(key, self.ledger.version)] = _wait_reason(req, ok, issues)
-        self.blocked(job, cands, reason)
+        cached = self.waits.get(key)
+        if cached is not None:
+            reason, gpus, at = cached
+            if not ledger.unchanged(cands, at) or (not gpus and ledger.ram_changed > at):
+                cached = None
+        if cached is None:
+            ok, issues = ledger.check(need, cands)
+            chosen = ledger.choose(ok, need)
+            if chosen is None:
+                reason, gpus = wait_reason(need, ledger.policy, len(ok), self.group(issues)), True
+            else:
+                short = ram_problem(need.ram_mb, ledger.host, ledger.ram_reserved, ledger.policy)
+                if short is None:
+                    share = need.placement_share([ledger.gpus[g] for g in chosen])
+                    ledger.place(chosen, need, share, req.ramp_up_s)
+                    self.result.placements.append(Placement(job.id, chosen, share))
+                    return
+                reason, gpus = short, False
+            self.waits[key] = (reason, gpus, ledger.version)
+        self.blocked(job, cands, reason, gpus)
 
-    def blocked(self, job: QueuedJob, cands: tuple[int, ...], reason: str) -> None:
+    def classify(
+        self, req: Requirement, allowed: tuple[int, ...] | None
+    ) -> tuple[_ClassKey, Need, str | None, tuple[int, ...]]:
+        """A job's class: its key, need, why it never fits (None if it may) and its GPUs."""
+        ledger = self.ledger
+        allowed_key = None if allowed is None else tuple(sorted(set(allowed)))
+        key: _ClassKey = (req.amount, req.vram_mb, req.ram_mb, allowed_key)
+        cands = ledger.allowed(allowed_key)
+        need = Need.of(req, ledger.mode)
+        never = never_fits(need, allowed_key, cands, ledger.gpus, ledger.policy, ledger.host)
+        return key, need, never, cands
+
+    def group(self, issues: list[_Issue]) -> str:
+        """`group`'s text, worked out once per distinct list of problems."""
+        frozen = tuple(issues)
+        text = self.grouped.get(frozen)
+        if text is None:
+            text = self.grouped[frozen] = group(issues)
+        return text
+
+    def blocked(self, job: QueuedJob, cands: tuple[int, ...], reason: str, gpus: bool) -> None:
+        """Record why job waits; a starving job held up by GPUs (not RAM) gets GPUs held."""
         policy = self.ledger.policy
-        if self.ledger.now - job.waiting_since >= policy.starvation_s:
+        if gpus and self.ledger.now - job.waiting_since >= policy.starvation_s:
             held = self.ledger.hold(job, cands)
             if held:
-                reason += f"; {_ids(held)} held for it"
+                reason += f"; {ids(held)} held for it"
         if not policy.backfill:
             self.blocked_by = job.id
         self.result.reasons[job.id] = reason
-
-
-def _never_fits(
-    req: Requirement,
-    allowed_key: tuple[int, ...] | None,
-    cands: tuple[int, ...],
-    ledger: _Ledger,
-) -> str | None:
-    """Why req can never run on this machine (pauses are temporary, so they do not count)."""
-    if not cands:
-        if allowed_key is None or not ledger.ids:
-            return "this machine has no GPUs"
-        return f"allowed {_ids(allowed_key)} do not exist (this machine has {_ids(ledger.ids)})"
-    n = req.gpu_count
-    if n > len(cands):
-        return f"needs {n} GPUs but only {len(cands)} allowed ({_ids(cands)})"
-    if req.vram_mb is None:
-        return None
-    vram = req.vram_mb
-    big = [g for g in cands if ledger.gpus[g].total >= vram]
-    if len(big) >= n:
-        return None
-    largest = max(ledger.gpus[g].total for g in cands)
-    if n == 1:
-        return f"needs {vram} MB of GPU memory but the largest allowed GPU has {largest} MB"
-    return f"needs {n} GPUs with {vram} MB each but only {len(big)} allowed GPUs have that much"
-
-
-def _wait_reason(req: Requirement, ok: list[int], issues: list[_Issue]) -> str:
-    need = f" with {req.vram_mb} MB free" if req.vram_mb is not None else ""
-    if req.gpu_count == 1:
-        return f"needs {req}{need}: {_group(issues)}"
-    each = f" and {req.vram_mb} MB free each" if req.vram_mb is not None else ""
-    return f"needs {req} with nothing of ours on them{each}, {len(ok)} available ({_group(issues)})"
-
-
-def _group(issues: list[_Issue]) -> str:
-    """`GPUs 0-3 paused; GPU 4 load 95% ...`: GPUs with the same problem are named together."""
-    by_text: dict[str, list[int]] = {}
-    for g, text in issues:
-        by_text.setdefault(text, []).append(g)
-    return "; ".join(f"{_ids(gs)} {text}" for text, gs in by_text.items())
-
-
-def _ids(ids: Sequence[int]) -> str:
-    """`GPU 3`, `GPUs 0-1`, `GPUs 0, 2, 4-6`."""
-    ordered = sorted(set(ids))
-    if not ordered:
-        return "no GPUs"
-    if len(ordered) == 1:
-        return f"GPU {ordered[0]}"
-    runs: list[str] = []
-    start = prev = ordered[0]
-    for g in [*ordered[1:], None]:
-        if g is not None and g == prev + 1:
-            prev = g
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if g is not None:
-            start = prev = g
-    return "GPUs " + ", ".join(runs)
-
-
-def _pct(part: float, total: float) -> str:
-    return f"{part / total * 100:.0f}%" if total > 0 else "100%"

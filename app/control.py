@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 from app.headers import read_header
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
 from app.runners import Runner, TmuxRunner
 from app.runners.direct import DirectRunner, kill_orphan, stdout_echo, tail_argv
 from app.runners.screen import ScreenRunner
 from app.settings import Settings
-from app.store import Job, Store
+from app.store import Store
 
 
 class ActionError(Exception):
@@ -135,16 +135,18 @@ def wake_scheduler(paths: StatePaths) -> None:
     paths.wakeup.write_text(f"{time.time()}\n")
 
 
-def known_gpu_count(store: Store) -> int | None:
+def known_gpus(store: Store) -> list[int] | None:
+    """The GPU ids the scheduler manages (physical ids: `--gpu-ids 2,3` gives [2, 3])."""
     raw = store.meta("gpus")
-    return len(json.loads(raw)) if raw else None
+    return [int(g.get("index", i)) for i, g in enumerate(json.loads(raw))] if raw else None
 
 
 def set_paused(store: Store, paths: StatePaths, gpu: int, paused: bool) -> str:
-    count = known_gpu_count(store)
-    if gpu < 0 or (count is not None and gpu >= count):
-        known = f"GPUs 0-{count - 1}" if count else "no GPUs known yet"
-        raise ActionError(f"GPU {gpu} does not exist ({known})")
+    known = known_gpus(store)
+    if gpu < 0 or (known is not None and gpu not in known):
+        names = ", ".join(map(str, known)) if known else ""
+        where = f"the scheduler manages GPU {names}" if known else "no GPUs known yet"
+        raise ActionError(f"GPU {gpu} is not one of the scheduler's GPUs ({where})")
     changed = store.set_paused(gpu, paused)
     wake_scheduler(paths)
     verb = "paused" if paused else "resumed"

@@ -19,9 +19,11 @@ from pathlib import Path
 from app import intake, jobsfile, tailer
 from app.allocator import allocate
 from app.gpus import GpuProbe, ProbeError
+from app.gpus.host import host_snapshot
 from app.launch import build_launch
 from app.models import (
     GpuSnapshot,
+    Job,
     JobState,
     Placement,
     QueuedJob,
@@ -35,7 +37,7 @@ from app.requirements import LlmConfig, LlmConfigCache, RequirementMemo
 from app.runners import LaunchError, Runner
 from app.settings import Settings
 from app.spool import Spool
-from app.store import Job, Store
+from app.store import Store
 
 log = logging.getLogger("gpusched")
 
@@ -82,6 +84,7 @@ class Daemon:
         self._last_probe_error = ""
         self._last_config_error = ""
         self._requirements = RequirementMemo()
+        self._policy = settings.policy()
         #: files whose change means new jobs (spool: any event inside its inbox)
         self._input_paths = {str(self.jobs_file), str(self.commands_file)}
 
@@ -180,8 +183,7 @@ class Daemon:
         changes: dict[int, dict[str, object]] = {}
         for job in pending:
             try:
-                args = job.script if job.kind == "command" else job.args  # `--llm` in a command
-                requirement = self._requirements.get(config, args, job.declared)
+                requirement = self._requirement(config, job)
             except RequirementError as exc:
                 self.store.transition(
                     job.id,
@@ -215,11 +217,12 @@ class Daemon:
         result = allocate(
             queue,
             gpus,
-            self._running_ledger(),
+            self._running_ledger(config),
             frozenset(self.store.paused()),
-            self.settings.policy(),
+            self._policy,
             now,
             probe_error=self._last_probe_error,
+            host=host_snapshot(self.settings.fake_gpus) if self._needs_ram(queue) else None,
         )
         for job_id, reason in result.reasons.items():
             if jobs_by_id[job_id].reason != reason:
@@ -241,7 +244,12 @@ class Daemon:
                 started.append(placement)
         return started
 
-    def _running_ledger(self) -> list[RunningJob]:
+    @staticmethod
+    def _needs_ram(queue: list[QueuedJob]) -> bool:
+        """Host RAM is read only when a queued job declared some."""
+        return any(job.requirement.ram_mb is not None for job in queue)
+
+    def _running_ledger(self, config: LlmConfig) -> list[RunningJob]:
         return [
             RunningJob(
                 id=job.id,
@@ -253,23 +261,28 @@ class Daemon:
                 ramp_up_s=declared.ramp_up_s,
             )
             for job in self.store.jobs([JobState.RUNNING])
-            for declared in [self._declared(job)]
+            for declared in [self._declared(job, config)]
         ]
 
-    def _declared(self, job: Job) -> Requirement:
+    def _declared(self, job: Job, config: LlmConfig) -> Requirement:
         """What a running job declared (RAM, ramp-up), for the ledger."""
         try:
-            args = job.script if job.kind == "command" else job.args
-            return self._requirements.get(self.llm.get(), args, job.declared)
+            return self._requirement(config, job)
         except RequirementError:
             return Requirement(1.0)
+
+    def _requirement(self, config: LlmConfig, job: Job) -> Requirement:
+        if job.kind == "command":  # its `--llm` counts; its words are the user's shell code
+            return self._requirements.get(config, job.script, job.declared, directives=False)
+        return self._requirements.get(config, job.args, job.declared)
 
     def _launch(
         self, job: Job, placement: Placement, requirement_of: dict[int, Requirement], now: float
     ) -> bool:
-        script = job.script
+        script, rewrite = job.script, self.settings.cuda_rewrite
         if self.spool is not None and job.source.startswith("spool:"):
-            script = str(self.spool.place(job, JobState.RUNNING))
+            # Dropped scripts come from tools that select GPUs by CUDA_VISIBLE_DEVICES.
+            script, rewrite = str(self.spool.place(job, JobState.RUNNING)), False
         cwd = None
         if job.kind == "command" and self.commands_file is not None:
             cwd = str(self.commands_file.parent)  # commands run where their file is
@@ -282,7 +295,7 @@ class Daemon:
             paths=self.paths,
             base_env=self.base_env,
             now=now,
-            rewrite=self.settings.cuda_rewrite,
+            rewrite=rewrite,
             cwd=cwd,
             kind=job.kind,
             log_dir=self.settings.log_dir.resolve() if self.settings.log_dir else None,

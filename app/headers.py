@@ -29,6 +29,8 @@ from app.models import RequirementError
 
 #: Bytes read from the top of a script: a header is on its first two lines.
 HEAD_BYTES = 64 * 1024
+#: Most GB a job may declare (1 PiB).
+MAX_GB = 1 << 20
 HEADER_KEYS = {"ram": "ram_mb", "vram": "vram_mb", "ramp_up_time": "ramp_up_s"}
 DIRECTIVES = {
     "--gpusched-ram": "ram_mb",
@@ -66,6 +68,8 @@ def _value(field: str, raw: object, what: str) -> int | float:
         return float(raw)
     if raw <= 0:
         raise RequirementError(f"{what} must be a positive number of GB, not {raw!r}")
+    if raw > MAX_GB:  # a typo; and MB beyond 2**63 cannot even be stored with the job
+        raise RequirementError(f"{what} must be at most {MAX_GB} GB, not {raw!r}")
     return int(raw * 1024)
 
 
@@ -105,7 +109,8 @@ def read_header(script: Path) -> str:
             head = f.read(HEAD_BYTES)
     except OSError:
         return ""
-    lines = head.decode("utf-8", errors="replace").splitlines()[:2]
+    # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of line 1.
+    lines = head.decode("utf-8-sig", errors="replace").splitlines()[:2]
     if lines and lines[0].startswith("#!"):
         candidates = [(2, lines[1])] if len(lines) > 1 else []
     else:

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
 from app.runners import Runner, SessionState
 from app.runners.direct import kill_orphan
-from app.store import Job, Store
+from app.store import Store
 
 log = logging.getLogger("gpusched")
 
@@ -152,11 +152,11 @@ class Reaper:
             reason=detail,
         ):
             log.error("job %d lost: %s", job.id, detail)
-            if (job.runner or "").startswith("direct:") and job.pid:
-                # A child of an earlier scheduler may live on, orphaned, on GPUs that are
-                # now free again: stop it (only if that pid is still this job's wrapper).
-                if kill_orphan(job.pid, self.paths.run_spec(job.id)):
-                    log.info("job %d: stopped the orphaned process %d", job.id, job.pid)
+            # A direct job's child of an earlier scheduler may live on, orphaned, on GPUs that
+            # are now free again: stop it (only if that pid is still this job's wrapper).
+            direct = (job.runner or "").startswith("direct:")
+            if direct and job.pid and kill_orphan(job.pid, self.paths.run_spec(job.id)):
+                log.info("job %d: stopped the orphaned process %d", job.id, job.pid)
             self._forget_files(job.id)
             return JobState.LOST
         return None

@@ -100,6 +100,8 @@ def _model_entry(value: object) -> tuple[float, int | None]:
                 raise RequirementError(
                     f"'vram_gb' must be a positive number, not {value['vram_gb']!r}"
                 )
+            if vram_gb > headers.MAX_GB:  # a typo; and its MB could not be stored with a job
+                raise RequirementError(f"'vram_gb' {vram_gb:g} is more than 1 PiB")
             vram_mb = int(vram_gb * 1024)
     else:
         number = _number(value)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from app.headers import read_header
-from app.models import JobSpec, JobState
-from app.store import Job, Store
+from app.models import Job, JobSpec, JobState
+from app.store import Store
 
 log = logging.getLogger("gpusched")
 
@@ -79,15 +80,18 @@ class Spool:
         known = {job.script for job in self.store.jobs_changed_since(0, SOURCE_PREFIX)}
         queued = []
         for path in sorted((self.root / QUEUED).iterdir()):
-            if path.is_file() and str(path) not in known:
+            # Names skipped as in 1.to_run: e.g. an editor's swap file next to a queued script.
+            script = path.is_file() and not path.is_symlink() and not _skipped(path.name)
+            if script and str(path) not in known:
                 queued += self._queue(path, now)
         return queued
 
     def _queue(self, script: Path, now: float) -> list[int]:
-        st = script.stat()
+        # Every drop is a new job: a script moved back by hand (`mv 4.failed/x.sh 1.to_run/`)
+        # keeps its inode and mtime, and must not be taken for the job it already was.
         spec = JobSpec(
             0, str(script), "", "", None, f"{SOURCE_PREFIX}{script.name}",
-            declared=read_header(script), nonce=f"{st.st_ino}-{st.st_mtime_ns}",
+            declared=read_header(script), nonce=uuid.uuid4().hex,
         )  # fmt: skip
         report = self.store.ingest(f"{SOURCE_PREFIX}{self.root}", "{}", None, [], [spec], [], now)
         for job_id in report.queued:

@@ -20,9 +20,9 @@ from pathlib import PurePath
 from typing import Any
 
 from app.control import scheduler_pid
-from app.models import ENDED_STATES, JobState
+from app.models import ENDED_STATES, Job, JobState
 from app.paths import StatePaths
-from app.store import Job, Store
+from app.store import Store
 
 SYMBOL = {
     JobState.PENDING: "[ ]",

@@ -17,55 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.jobsfile import format_gpu_list
-from app.models import BLOCKING_DUPLICATE_STATES, JobSpec, JobState, LineError
+from app.models import BLOCKING_DUPLICATE_STATES, Job, JobSpec, JobState, LineError
 from app.schema import migrate
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    key: str
-    status: JobState
-    priority: int
-    seq: int
-    script: str
-    conda_env: str
-    args: str
-    allowed_gpus: str | None
-    source: str
-    requirement: float | None
-    gpus: tuple[int, ...]
-    share: float | None
-    vram_mb: int | None
-    session: str | None
-    runner: str | None
-    log_path: str | None
-    command: str | None
-    pid: int | None
-    launched: bool
-    exit_code: int | None
-    reason: str
-    attempts: int
-    next_attempt_at: float | None
-    submitted_at: float
-    queued_at: float
-    started_at: float | None
-    ended_at: float | None
-    rev: int = 0
-    """Revision stamp: changes on every write to the row (see schema 002_job_revisions)."""
-    kind: str = "script"
-    """"script", or "command" (a commands-file line: `script` holds shell code)."""
-    declared: str = ""
-    """Requirements the script's header declared, as JSON (schema 003_inputs)."""
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
-        data = dict(row)
-        data["status"] = JobState(data["status"])
-        gpus = data["gpus"]
-        data["gpus"] = tuple(int(g) for g in gpus.split(",")) if gpus else ()
-        data["launched"] = bool(data["launched"])
-        return cls(**data)
 
 
 @dataclass(frozen=True)

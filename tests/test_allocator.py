@@ -229,7 +229,7 @@ def test_unschedulable_too_many_gpus() -> None:
 
 def test_unschedulable_no_allowed_gpu_exists() -> None:
     result = run([qjob(1, 0.5, allowed=(5, 6))], [gpu(0), gpu(1)])
-    assert result.unschedulable == {1: "allowed GPUs 5-6 do not exist (this machine has GPUs 0-1)"}
+    assert result.unschedulable == {1: "allowed GPUs 5-6: not among the scheduler's GPUs 0-1"}
 
 
 def test_unschedulable_vram_larger_than_any_gpu() -> None:

@@ -120,7 +120,8 @@ def test_pause_kill_retry_reach_the_scheduler(
     assert running.run(capsys, "pause", "0")[0] == 0
     assert running.run(capsys, "pause", "1")[0] == 0
     code, _, err = running.run(capsys, "pause", "9")
-    assert code == 1 and "GPU 9 does not exist (GPUs 0-1)" in err
+    assert code == 1
+    assert "GPU 9 is not one of the scheduler's GPUs (the scheduler manages GPU 0, 1)" in err
     with (running.root / "jobs.txt").open("a") as f:
         f.write(f"0,{running.root / 'job.py'},,--sleep 60,\n")
     wait_until(lambda: "paused" in running.job(capsys, 1).get("reason", ""))

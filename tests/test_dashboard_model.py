@@ -10,9 +10,9 @@ from pathlib import Path
 from app.dashboard.format import coarse_duration, job_time, llm_model, requirement_text
 from app.dashboard.joblist import JobList, view_count
 from app.dashboard.model import DashboardReader, read_tail
-from app.models import JobSpec, JobState
+from app.models import Job, JobSpec, JobState
 from app.paths import StatePaths
-from app.store import Job, Store
+from app.store import Store
 
 
 def ingest(store: Store, count: int, now: float = 1000.0) -> None:

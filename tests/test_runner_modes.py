@@ -27,12 +27,12 @@ from app import proctree
 from app.cli import main
 from app.control import scheduler_pid
 from app.daemon import Daemon
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
 from app.runners.direct import kill_orphan
 from app.runners.screen import ScreenRunner, parse_ls
 from app.service import build_daemon
-from app.store import Job, Store
+from app.store import Store
 from tests.helpers import wait_until
 from tests.workspace import Workspace, make_workspace
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from app.daemon import Daemon
 from app.gpus.fake import write_fake_gpus
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
 from app.service import build_daemon
 from app.settings import Settings
-from app.store import Job, Store
+from app.store import Store
 
 #: A job script that records what it saw (argv, a few env vars) and obeys --sleep/--exit.
 JOB_SCRIPT = """\

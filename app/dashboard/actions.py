@@ -17,9 +17,9 @@ from app import control
 from app.dashboard.attach import attach
 from app.dashboard.screens import ConfirmScreen
 from app.dashboard.widgets import GpuTable
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
-from app.store import Job, Store
+from app.store import Store
 
 Action = Callable[[Store, StatePaths], str]
 

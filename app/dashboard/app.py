@@ -27,9 +27,9 @@ from app.dashboard.joblist import VIEWS, JobList, Page, view_count
 from app.dashboard.model import DashboardReader, Detail, Snapshot
 from app.dashboard.screens import HelpScreen, QuitScreen
 from app.dashboard.widgets import DetailPane, ErrorList, GpuTable, JobTable, LogPane
-from app.models import JobState
+from app.models import Job, JobState
 from app.paths import StatePaths
-from app.store import Job, Store
+from app.store import Store
 
 POLL_INTERVAL = 0.5
 TAB_IDS = (*VIEWS, "errors")

@@ -8,8 +8,7 @@ from textual.app import App, SuspendNotSupported
 from textual.notifications import SeverityLevel
 
 from app import control
-from app.models import JobState
-from app.store import Job
+from app.models import Job, JobState
 
 
 def attach_argv(job: Job) -> list[str]:

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from rich.text import Text
 
 from app.dashboard.model import GpuView, Header
-from app.models import JobState
-from app.store import Job
+from app.models import Job, JobState
 
 #: One table row: its key and one Text per column.
 Cells = tuple[Text, ...]

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from rich.text import Text
 
 from app.dashboard.format import Cells, Row, job_cells, job_time, search_text
-from app.models import JobState
-from app.store import Job
+from app.models import Job, JobState
 
 #: The tabs: id → (label, states shown; None = all).
 VIEWS: dict[str, tuple[str, frozenset[JobState] | None]] = {

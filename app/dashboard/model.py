@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.control import runner_for, runner_id_for, scheduler_pid
-from app.models import JobState, LineError
+from app.models import Job, JobState, LineError
 from app.paths import StatePaths
-from app.store import Job, Store
+from app.store import Store
 
 #: Utilisation samples kept per GPU for the sparkline (at most one per second).
 HISTORY = 60
