@@ -359,6 +359,14 @@ def pending(screen: Any, widgets: Iterable[Any]) -> bool:
 STRUCTURAL = ("added", "removed", "reordered")
 
 
+def applied(after: Counter[str], before: Counter[str]) -> Counter[str]:
+    """What one `apply` changed; "rendered" holds the count at apply until the next cycle
+    settles it (see `CycleRecorder._settle_rendered`)."""
+    delta = Counter({k: after[k] - before[k] for k in STRUCTURAL})
+    delta["rendered"] = after["rendered"]
+    return delta
+
+
 class TableCounter:
     """Counts what a `RowTable.apply` changed (rows added, removed, re-ordered) by wrapping the
     instance's `apply`, and reads the table's count of rows rendered into lines."""
@@ -444,6 +452,7 @@ class CycleRecorder:
             assert self.jobs is not None and self.gpus is not None
             cycle = self._current
             jobs_before, gpus_before = self.jobs.snapshot(), self.gpus.snapshot()
+            self._settle_rendered(jobs_before, gpus_before)
             cycle.current = (view, text) == (app.view, app.filter_text)
             self._table_s = 0.0
             t0 = time.perf_counter()
@@ -451,8 +460,8 @@ class CycleRecorder:
             cycle.applied_at = time.perf_counter()
             cycle.ui_s = cycle.applied_at - t0
             cycle.table_s = self._table_s
-            cycle.jobs_calls = self.jobs.snapshot() - jobs_before
-            cycle.gpu_calls = self.gpus.snapshot() - gpus_before
+            cycle.jobs_calls = applied(self.jobs.snapshot(), jobs_before)
+            cycle.gpu_calls = applied(self.gpus.snapshot(), gpus_before)
             self.log.append(cycle)
             if cycle.current:
                 probe.applied = (view, text)
@@ -468,6 +477,14 @@ class CycleRecorder:
             probe.applied = (app.view, app.filter_text)
 
         app._show_jobs = traced_show_jobs
+
+    def _settle_rendered(self, jobs_now: Counter[str], gpus_now: Counter[str]) -> None:
+        """Rows are rendered in the frames after `_apply`: what was rendered between the
+        previous cycle's apply and this one belongs to the previous cycle."""
+        if self.log:
+            last = self.log[-1]
+            last.jobs_calls["rendered"] = jobs_now["rendered"] - last.jobs_calls["rendered"]
+            last.gpu_calls["rendered"] = gpus_now["rendered"] - last.gpu_calls["rendered"]
 
     def _attach_tables(self) -> None:
         from app.dashboard.widgets import GpuTable, JobTable
