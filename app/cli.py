@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("gpu", type=int)
         p.set_defaults(handler=cmd_pause, paused=paused)
 
-    p = sub.add_parser("sessions", parents=[parent], help="live job sessions")
+    p = sub.add_parser(
+        "sessions", aliases=["screens"], parents=[parent], help="live job sessions (alias: screens)"
+    )
     p.set_defaults(handler=cmd_sessions)
     for name, handler, text in (
         ("attach", cmd_attach, "attach to a job's tmux session"),
