@@ -214,6 +214,7 @@ class Daemon:
                     waiting_since=job.queued_at,
                 )
             )
+        needs_ram = any(job.requirement.ram_mb is not None for job in queue)  # else unread
         result = allocate(
             queue,
             gpus,
@@ -222,7 +223,7 @@ class Daemon:
             self._policy,
             now,
             probe_error=self._last_probe_error,
-            host=host_snapshot(self.settings.fake_gpus) if self._needs_ram(queue) else None,
+            host=host_snapshot(self.settings.fake_gpus) if needs_ram else None,
         )
         for job_id, reason in result.reasons.items():
             if jobs_by_id[job_id].reason != reason:
@@ -243,11 +244,6 @@ class Daemon:
             if self._launch(jobs_by_id[placement.job_id], placement, requirement_of, now):
                 started.append(placement)
         return started
-
-    @staticmethod
-    def _needs_ram(queue: list[QueuedJob]) -> bool:
-        """Host RAM is read only when a queued job declared some."""
-        return any(job.requirement.ram_mb is not None for job in queue)
 
     def _running_ledger(self, config: LlmConfig) -> list[RunningJob]:
         return [

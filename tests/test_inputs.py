@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,10 +14,8 @@ from app import control
 from app.cli import main
 from app.gpus.fake import write_fake_gpus
 from app.models import Job, JobState
-from app.service import serve
-from app.store import Store
 from tests.helpers import wait_until
-from tests.workspace import JOB_SCRIPT, Workspace, make_workspace
+from tests.workspace import JOB_SCRIPT, Workspace, job_status, make_workspace, serving
 
 GB16 = 16 * 1024
 
@@ -65,29 +60,6 @@ def _script(path: Path, header: str | None, body: str = "", shebang: bool = True
 
 #: A .sh body that writes its arguments, one per line, next to itself (cwd = its folder).
 ARGS_BODY = 'printf "%s\\n" "$@" > "args_$GPUSCHED_JOB_ID.txt"'
-
-
-@contextmanager
-def serving(ws: Workspace) -> Iterator[Store]:
-    """The real loop (`serve`: watcher, ticks) in a thread; yields a store to read state."""
-    ws.store.close()
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(ws.settings, stop, False), daemon=True)
-    thread.start()
-    wait_until(lambda: ws.paths.lock.exists() and ws.paths.lock.read_text().strip())
-    store = Store(ws.paths.db)
-    try:
-        yield store
-    finally:
-        stop.set()
-        control.wake_scheduler(ws.paths)  # cut the loop's sleep short
-        thread.join(timeout=10)
-        store.close()
-
-
-def _status(store: Store, job_id: int) -> JobState | None:
-    job = store.job(job_id)
-    return None if job is None else job.status
 
 
 # ---- commands file ---------------------------------------------------------------------------
@@ -209,12 +181,12 @@ def test_commands_file_appended_lines_reach_the_running_loop(
     commands = tmp_path / "work" / "commands.txt"
     commands.write_text("echo first > first.txt\n")
     with serving(ws) as store:
-        wait_until(lambda: _status(store, 1) == JobState.COMPLETED)
+        wait_until(lambda: job_status(store, 1) == JobState.COMPLETED)
         assert (tmp_path / "work" / "first.txt").read_text() == "first\n"
         # The fallback re-read is 30 s away (monitor_interval): only the watcher can be this quick.
         with commands.open("a") as f:
             f.write("echo second > second.txt\n")
-        wait_until(lambda: _status(store, 2) == JobState.COMPLETED, timeout=8)
+        wait_until(lambda: job_status(store, 2) == JobState.COMPLETED, timeout=8)
         assert (tmp_path / "work" / "second.txt").read_text() == "second\n"
         with commands.open("a") as f:  # a partial line waits for its newline
             f.write("echo third > third.txt")
@@ -222,7 +194,7 @@ def test_commands_file_appended_lines_reach_the_running_loop(
         assert store.job(3) is None
         with commands.open("a") as f:
             f.write("\n")
-        wait_until(lambda: _status(store, 3) == JobState.COMPLETED, timeout=8)
+        wait_until(lambda: job_status(store, 3) == JobState.COMPLETED, timeout=8)
 
 
 def test_commands_file_words_are_never_directives(tmp_path: Path, tmux_socket: str) -> None:

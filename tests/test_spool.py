@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,11 +15,9 @@ from app import control
 from app.cli import main
 from app.gpus.fake import write_fake_gpus
 from app.models import Job, JobState
-from app.service import serve
 from app.spool import SOURCE_PREFIX
-from app.store import Store
 from tests.helpers import wait_until
-from tests.workspace import Workspace, make_workspace
+from tests.workspace import Workspace, job_status, make_workspace, serving
 
 FOLDERS = ("1.to_run", "2.queued", "3.running", "4.executed", "4.failed")
 
@@ -94,29 +89,6 @@ def _wait_state(ws: Workspace, job_id: int, state: JobState, timeout: float = 10
     job = wait_until(reached, timeout=timeout, interval=0.05)
     assert job is not None
     return job
-
-
-@contextmanager
-def serving(ws: Workspace) -> Iterator[Store]:
-    """The real loop (`serve`: recover, watcher, ticks) in a thread; yields a store to read."""
-    ws.store.close()
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(ws.settings, stop, False), daemon=True)
-    thread.start()
-    wait_until(lambda: ws.paths.lock.exists() and ws.paths.lock.read_text().strip())
-    store = Store(ws.paths.db)
-    try:
-        yield store
-    finally:
-        stop.set()
-        control.wake_scheduler(ws.paths)  # cut the loop's sleep short
-        thread.join(timeout=10)
-        store.close()
-
-
-def _status(store: Store, job_id: int) -> JobState | None:
-    job = store.job(job_id)
-    return None if job is None else job.status
 
 
 # ---- the folders ----------------------------------------------------------------------------
@@ -325,12 +297,12 @@ def test_drop_is_picked_up_by_the_running_scheduler(tmp_path: Path, tmux_socket:
     with serving(ws) as store:
         # The fallback re-read is 30 s away (monitor_interval): only the watcher is this quick.
         _drop(ws, "a.sh", _script_text(ws, "a.sh"), notify=False)
-        wait_until(lambda: _status(store, 1) == JobState.COMPLETED, timeout=8)
+        wait_until(lambda: job_status(store, 1) == JobState.COMPLETED, timeout=8)
         wait_until(lambda: _files(ws)["4.executed"] == ["a.sh"])
         # A careful writer: a hidden temporary file renamed into place when complete.
         hidden = _drop(ws, ".b.sh", _script_text(ws, "b.sh", code=1), notify=False)
         hidden.rename(hidden.with_name("b.sh"))
-        wait_until(lambda: _status(store, 2) == JobState.FAILED, timeout=8)
+        wait_until(lambda: job_status(store, 2) == JobState.FAILED, timeout=8)
         wait_until(lambda: _files(ws)["4.failed"] == ["b.sh"])
         assert _runs(ws) == ["a 3.running/a.sh", "b 3.running/b.sh"]
 
@@ -345,7 +317,7 @@ def test_file_left_in_queued_by_a_crash_is_queued_on_start(
     (queued / ".orphan.sh.swp").write_text("an editor's swap file: not a job")
     _go(ws, "orphan")
     with serving(ws) as store:
-        wait_until(lambda: _status(store, 1) == JobState.COMPLETED, timeout=8)
+        wait_until(lambda: job_status(store, 1) == JobState.COMPLETED, timeout=8)
         job = store.job(1)
         assert job is not None and job.source == f"{SOURCE_PREFIX}orphan.sh"
         # The end is recorded first, then the script follows (in the same pass).

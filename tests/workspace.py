@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from app import control
 from app.daemon import Daemon
 from app.gpus.fake import write_fake_gpus
 from app.models import Job, JobState
 from app.paths import StatePaths
-from app.service import build_daemon
+from app.service import build_daemon, serve
 from app.settings import Settings
 from app.store import Store
+from tests.helpers import wait_until
 
 #: A job script that records what it saw (argv, a few env vars) and obeys --sleep/--exit.
 JOB_SCRIPT = """\
@@ -112,3 +117,26 @@ def make_workspace(root: Path, tmux_socket: str, gpus: int = 2, **overrides: obj
     daemon = build_daemon(settings, paths, store)
     daemon.base_env = env
     return Workspace(root, settings, paths, store, daemon)
+
+
+@contextmanager
+def serving(ws: Workspace) -> Iterator[Store]:
+    """The real loop (`serve`: recover, watcher, ticks) in a thread; yields a store to read."""
+    ws.store.close()
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(ws.settings, stop, False), daemon=True)
+    thread.start()
+    wait_until(lambda: ws.paths.lock.exists() and ws.paths.lock.read_text().strip())
+    store = Store(ws.paths.db)
+    try:
+        yield store
+    finally:
+        stop.set()
+        control.wake_scheduler(ws.paths)  # cut the loop's sleep short
+        thread.join(timeout=10)
+        store.close()
+
+
+def job_status(store: Store, job_id: int) -> JobState | None:
+    job = store.job(job_id)
+    return None if job is None else job.status
