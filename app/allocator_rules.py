@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from app.jobsfile import format_gpu_list
 from app.models import GpuSnapshot, HostSnapshot, Policy, Requirement
 
 EPS = 1e-9
@@ -287,22 +288,13 @@ def group(issues: list[tuple[int, str]]) -> str:
 
 
 def ids(values: Sequence[int]) -> str:
-    """`GPU 3`, `GPUs 0-1`, `GPUs 0, 2, 4-6`."""
+    """`GPU 3`, `GPUs 0-1`, `GPUs 0, 2, 4-6`: the jobs file's compact form, for reading."""
     ordered = sorted(set(values))
     if not ordered:
         return "no GPUs"
     if len(ordered) == 1:
         return f"GPU {ordered[0]}"
-    runs: list[str] = []
-    start = prev = ordered[0]
-    for g in [*ordered[1:], None]:
-        if g is not None and g == prev + 1:
-            prev = g
-            continue
-        runs.append(str(start) if start == prev else f"{start}-{prev}")
-        if g is not None:
-            start = prev = g
-    return "GPUs " + ", ".join(runs)
+    return "GPUs " + format_gpu_list(tuple(ordered)).replace(",", ", ")
 
 
 def pct(part: float, total: float) -> str:
