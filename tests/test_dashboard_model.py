@@ -89,6 +89,35 @@ def test_only_the_time_cell_changes_between_polls() -> None:
     assert all(a is b for i, (a, b) in enumerate(zip(first, second, strict=True)) if i != 8)
 
 
+def test_warm_renders_every_tabs_first_page_ahead_of_a_switch() -> None:
+    jobs = JobList(cap=2)
+    jobs.merge([job(1, JobState.PENDING), job(2, JobState.PENDING), job(3, JobState.PENDING),
+                job(4, JobState.RUNNING, started_at=1.0),
+                job(5, JobState.COMPLETED, ended_at=2.0)])  # fmt: skip
+    jobs.warm(now=10.0)
+    # Each tab's first `cap` jobs have cells; job 3 is beyond the queue's cap and All's
+    # first page (5, 4): nothing rendered it.
+    assert set(jobs._cells) == {1, 2, 4, 5}
+    warmed = {job_id: cells for job_id, (_, cells) in jobs._cells.items()}
+    rows = dict(jobs.page("queue", "", now=10.0).rows)
+    assert rows["1"] is warmed[1] and rows["2"] is warmed[2]  # the page reuses them
+    # A new revision is rendered again by the next warm, an unchanged one is not.
+    jobs.merge([job(2, JobState.PENDING, reason="waiting for GPU 0", rev=50)])
+    jobs.warm(now=10.0)
+    assert jobs._cells[2][0] == 50 and jobs._cells[2][1][10].plain == "waiting for GPU 0"
+    assert jobs._cells[1][1] is warmed[1]
+
+
+def test_selections_follow_the_jobs_generation() -> None:
+    jobs = JobList()
+    jobs.merge([job(1, JobState.PENDING), job(2, JobState.COMPLETED, ended_at=1.0)])
+    assert [key for key, _ in jobs.page("queue", "", 5.0).rows] == ["1"]
+    assert [key for key, _ in jobs.page("done", "", 5.0).rows] == ["2"]
+    jobs.merge([job(1, JobState.COMPLETED, ended_at=3.0, rev=7)])  # leaves the queue
+    assert jobs.page("queue", "", 5.0).rows == ()
+    assert [key for key, _ in jobs.page("done", "", 5.0).rows] == ["1", "2"]
+
+
 def test_formatting() -> None:
     assert llm_model("--llm qwen2.5-7b-inst --e 3") == "qwen2.5-7b-inst"
     assert llm_model("--x 1 --llm=big") == "big" and llm_model("--x 'unbalanced") == ""

@@ -8,6 +8,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 
 from app.dashboard.format import Row
+from app.dashboard.lineview import TextPane
 from app.dashboard.rowtable import RowTable
 
 
@@ -126,3 +127,47 @@ def test_click_moves_the_cursor_without_selecting() -> None:
         assert app.selected == []
 
     drive(test)
+
+
+class PaneApp(App[None]):
+    def compose(self) -> ComposeResult:
+        yield TextPane(id="pane")
+
+
+def test_text_pane_scrolls_long_content_and_updates_without_a_layout_pass() -> None:
+    async def main() -> None:
+        app = PaneApp()
+        async with app.run_test(size=(40, 6)) as pilot:
+            pane = app.query_one(TextPane)
+            pane.update(Text("\n".join(f"line {i}" for i in range(20))))
+            await pilot.pause()
+            assert pane.render_line(0).text.rstrip() == "line 0"
+            assert pane.virtual_size.height == 20 and pane.max_scroll_y == 14
+            pane.scroll_to(y=14, animate=False, immediate=True)
+            await pilot.pause()
+            assert pane.render_line(5).text.rstrip() == "line 19"
+            # New content of another height: back to the top, and the screen is not laid out.
+            layouts: list[object] = []
+            screen = app.screen
+            original = screen._refresh_layout
+
+            def counted(*args: object, **kwargs: object) -> None:
+                layouts.append(args)
+                original(*args, **kwargs)  # type: ignore[arg-type]
+
+            screen._refresh_layout = counted  # type: ignore[method-assign]
+            pane.update(Text("short\ntext\nwith a line long enough to be wrapped at forty columns"))
+            await pilot.pause()
+            await pilot.pause()
+            assert layouts == []
+            assert pane.scroll_y == 0 and pane.virtual_size.height == 4
+            lines = [pane.render_line(y).text.rstrip() for y in range(4)]
+            assert lines == [
+                "short",
+                "text",
+                "with a line long enough to be wrapped",
+                "at forty columns",
+            ]
+            assert pane.content.plain.startswith("short")  # type: ignore[union-attr]
+
+    asyncio.run(main())

@@ -18,15 +18,23 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import ContentSwitcher, Footer, Input, Static, Tab, Tabs
+from textual.widgets import ContentSwitcher, Input, Static, Tab, Tabs
 
 from app.dashboard.actions import JobActions
 from app.dashboard.attach import attach_argv
 from app.dashboard.format import header_text
 from app.dashboard.joblist import VIEWS, JobList, Page, view_count
+from app.dashboard.keybar import KeyBar
 from app.dashboard.model import DashboardReader, Detail, Snapshot
 from app.dashboard.screens import HelpScreen, QuitScreen
-from app.dashboard.widgets import DetailPane, ErrorList, GpuTable, JobTable, LogPane
+from app.dashboard.widgets import (
+    DetailPane,
+    ErrorList,
+    FilterBox,
+    GpuTable,
+    JobTable,
+    LogPane,
+)
 from app.models import Job, JobState
 from app.paths import StatePaths
 from app.store import Store
@@ -48,11 +56,11 @@ class DashboardApp(JobActions):
        a filter key) then needs no layout pass, which would repaint the whole screen. */
     #jobs { height: 100%; overflow-y: scroll; }
     /* A scrollbar appearing would narrow the table and force a second full repaint. */
-    JobTable, #detail-box { scrollbar-gutter: stable; }
+    JobTable { scrollbar-gutter: stable; }
     #errors { padding: 0 1; }
     #shown { height: 1; padding: 0 1; color: $text-muted; }
     #bottom { height: 2fr; min-height: 8; }
-    #detail-box { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
+    #detail { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
     #log { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
     #log.hidden { display: none; }
     """
@@ -106,17 +114,16 @@ class DashboardApp(JobActions):
         yield GpuTable(id="gpus")
         yield Tabs(*(Tab(label, id=view) for view, (label, _) in VIEWS.items()),
                    Tab("Errors", id="errors-tab"))  # fmt: skip
-        yield Input(placeholder="filter jobs: id, script, env, arguments, reason", id="filter")
+        yield FilterBox(placeholder="filter jobs: id, script, env, arguments, reason", id="filter")
         with ContentSwitcher(initial="jobs", id="switcher"):
             yield JobTable(id="jobs")
             with VerticalScroll(id="errors"):
                 yield ErrorList(id="errors-list")
         yield Static(id="shown")
         with Horizontal(id="bottom"):
-            with VerticalScroll(id="detail-box"):
-                yield DetailPane(id="detail")
+            yield DetailPane(id="detail")
             yield LogPane(id="log")
-        yield Footer()
+        yield KeyBar()
 
     def on_mount(self) -> None:
         # The poll worker gives up the GIL at each SQLite call; with Python's default 5 ms
@@ -128,6 +135,7 @@ class DashboardApp(JobActions):
         self.animation_level = "none"
         self.install_screen(HelpScreen(), name="help")
         self.query_one(JobTable).focus()
+        self.watch(self.query_one(FilterBox), "value", self._filter_typed, init=False)
         self.request_poll()
         self.set_interval(self.poll_interval, self.request_poll)
 
@@ -153,6 +161,10 @@ class DashboardApp(JobActions):
             self._from_worker(self._poll_failed, f"{type(exc).__name__}: {exc}")
             return
         self._from_worker(self._apply, snapshot, page, view, text)
+        # The other tabs' rows, ready for a switch. Only a head start: page() does the same
+        # work when it must, and reports any error it meets, so one here is let go.
+        with contextlib.suppress(Exception):
+            self.joblist.warm(snapshot.now)
 
     def _poll_failed(self, error: str) -> None:
         self._polling = False
@@ -262,11 +274,15 @@ class DashboardApp(JobActions):
             attach = " ".join(attach_argv(detail.job))
         self.query_one(DetailPane).show(detail, attach)
         self.detail_shown = detail.job.id if detail else None
-        self.query_one("#detail-box").border_title = f"job #{detail.job.id}" if detail else "job"
         self.query_one(LogPane).show(detail)
 
     @on(JobTable.RowHighlighted, "#jobs")
     def _job_highlighted(self) -> None:
+        # After the frame that shows the cursor (or the new rows): the detail worker would
+        # compete with that frame for the GIL.
+        self.call_after_refresh(self._detail_if_moved)
+
+    def _detail_if_moved(self) -> None:
         if self.selected_job_id() != self._detail_for:
             self.request_detail()
 
@@ -276,12 +292,17 @@ class DashboardApp(JobActions):
 
     @on(Tabs.TabActivated)
     def _tab_activated(self, event: Tabs.TabActivated) -> None:
-        tab_id = event.tab.id or "queue"
-        self.view = "errors" if tab_id == "errors-tab" else tab_id
+        tab_id = event.tab.id or "queue"  # a click on a tab, or the keys below
+        self._switch_view("errors" if tab_id == "errors-tab" else tab_id)
+
+    def _switch_view(self, view: str) -> None:
+        if view == self.view:
+            return
+        self.view = view
         switcher = self.query_one(ContentSwitcher)
         switcher.current = "errors" if self.view == "errors" else "jobs"
         self._show_jobs()
-        self.request_detail()
+        self.call_after_refresh(self._detail_if_moved)  # as in _job_highlighted
 
     # ---- selection ------------------------------------------------------------------------
 
@@ -304,10 +325,12 @@ class DashboardApp(JobActions):
         box.add_class("shown")
         box.focus()
 
-    @on(Input.Changed, "#filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        self.filter_text = event.value
-        self._show_jobs()
+    def _filter_typed(self, value: str) -> None:
+        """Each key in the filter box, at once (Input.Changed would reach the app a few
+        message hops later, after the frame that the new rows should be in)."""
+        if value != self.filter_text:
+            self.filter_text = value
+            self._show_jobs()
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self) -> None:
@@ -322,6 +345,9 @@ class DashboardApp(JobActions):
         self._show_jobs()
 
     def action_tab(self, tab_id: str) -> None:
+        # The rows first, at once: waiting for the tabs' TabActivated message would leave
+        # them out of the next frame.
+        self._switch_view(tab_id)
         self.query_one(Tabs).active = "errors-tab" if tab_id == "errors" else tab_id
 
     def action_toggle_log(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Sequence
 
@@ -10,6 +9,7 @@ from rich.text import Text
 
 from app.dashboard.model import GpuView, Header
 from app.models import Job, JobState
+from app.requirements import llm_name
 
 #: One table row: its key and one Text per column.
 Cells = tuple[Text, ...]
@@ -48,19 +48,8 @@ def state_text(state: JobState) -> Text:
 
 
 def llm_model(args: str) -> str:
-    """The job's `--llm` model, "" when it has none."""
-    if "--llm" not in args:
-        return ""
-    try:
-        words = shlex.split(args)
-    except ValueError:
-        words = args.split()
-    for i, word in enumerate(words):
-        if word == "--llm" and i + 1 < len(words):
-            return words[i + 1]
-        if word.startswith("--llm="):
-            return word.split("=", 1)[1]
-    return ""
+    """The job's `--llm` model as the scheduler reads it, "" when it has none."""
+    return llm_name(args) or ""
 
 
 def requirement_text(job: Job) -> str:

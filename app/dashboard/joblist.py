@@ -28,6 +28,8 @@ VIEWS: dict[str, tuple[str, frozenset[JobState] | None]] = {
 #: Rows a tab shows at most; the rest are reached with `/` (the filter applies before the cap).
 #: Rows a tab shows at most: bounds the sorting and diffing a tab switch does.
 ROW_CAP = 500
+#: Tab and filter selections kept for the current generation of the jobs.
+SELECTIONS_KEPT = 16
 TIME_COLUMN = 8
 
 
@@ -67,9 +69,10 @@ class JobList:
         self.jobs: dict[int, Job] = {}
         self._cells: dict[int, tuple[int, Cells]] = {}
         self._search: dict[int, tuple[int, str]] = {}
-        self._last: tuple[str, str, int] | None = None
-        self._visible: list[Job] = []
-        self._matching = 0
+        #: (tab, filter text) -> its first `cap` jobs in order and how many match, for the
+        #: current generation (a few tabs and filters, so switching back costs nothing).
+        self._selections: dict[tuple[str, str], tuple[list[Job], int]] = {}
+        self._selected_at = 0
         self._generation = 0
         self._lock = threading.Lock()
 
@@ -85,12 +88,36 @@ class JobList:
 
     def page(self, view: str, text: str, now: float) -> Page:
         with self._lock:
-            key = (view, text, self._generation)
-            if key != self._last:
-                self._last = key
-                self._visible, self._matching = self._select(view, text.strip().lower())
-            rows = tuple(self._row(self.jobs[job.id], now) for job in self._visible)
-            return Page(rows, self._matching)
+            visible, matching = self._selection(view, text)
+            rows = tuple(self._row(self.jobs[job.id], now) for job in visible)
+            return Page(rows, matching)
+
+    def warm(self, now: float) -> None:
+        """Select every tab's first page and render the cells of its jobs, ahead of a switch.
+
+        Runs in the polling worker after each poll, so a tab switch in the UI thread finds its
+        rows selected and rendered (only the time column is then redone). Cheap when nothing
+        changed: selections are kept per generation and cells per revision."""
+        for view in VIEWS:
+            with self._lock:  # one tab at a time: page() in the UI thread never waits long
+                visible, _ = self._selection(view, "")
+                for job in visible:
+                    current = self.jobs[job.id]
+                    cached = self._cells.get(job.id)
+                    if cached is None or cached[0] != current.rev:
+                        self._cells[job.id] = (current.rev, job_cells(current, now))
+
+    def _selection(self, view: str, text: str) -> tuple[list[Job], int]:
+        if self._selected_at != self._generation:
+            self._selections.clear()
+            self._selected_at = self._generation
+        key = (view, text.strip().lower())
+        found = self._selections.get(key)
+        if found is None:
+            if len(self._selections) >= SELECTIONS_KEPT:
+                self._selections.pop(next(iter(self._selections)))  # the oldest
+            found = self._selections[key] = self._select(*key)
+        return found
 
     def _select(self, view: str, text: str) -> tuple[list[Job], int]:
         states = VIEWS[view][1]

@@ -20,6 +20,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from app.dashboard.format import Cells, Row
+from app.dashboard.lineview import resize_virtual
 
 #: Spaces each side of a cell, as DataTable's default cell padding.
 PAD = 1
@@ -147,19 +148,7 @@ class RowTable(ScrollView, can_focus=True):
 
     def _set_height(self) -> None:
         # As wide as the view: the last column stretches, so there is never a sideways scroll.
-        size = Size(self.scrollable_content_region.width, len(self._order) + 1)
-        old, view = self.virtual_size, self.scrollable_content_region.height
-        height, overflow = self.styles.height, self.styles.overflow_y
-        if (height is None or height.is_auto) or (
-            overflow == "auto" and (size.height > view) != (old.height > view)
-        ):
-            self.virtual_size = size  # the widget's height (or its scrollbar) changes: layout
-        else:
-            # A fixed-height table whose scrollbar stays as it is: a new row count changes no
-            # other widget, so the screen's layout pass (a repaint of everything) is skipped.
-            self.set_reactive(RowTable.virtual_size, size)
-            self._scroll_update(size)
-            self.refresh()
+        resize_virtual(self, Size(self.scrollable_content_region.width, len(self._order) + 1))
 
     # ---- cursor ---------------------------------------------------------------------------
 

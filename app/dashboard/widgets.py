@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Self
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
-from textual.widgets import Static
+from textual.geometry import Region
+from textual.widgets import Input, Static
 
 from app.dashboard.format import (
     GPU_COLUMNS,
@@ -17,6 +19,7 @@ from app.dashboard.format import (
     gpu_cells,
     state_text,
 )
+from app.dashboard.lineview import TextPane
 from app.dashboard.model import Detail, GpuView
 from app.dashboard.rowtable import RowTable
 from app.models import LineError
@@ -48,6 +51,33 @@ class GpuTable(RowTable):
         return int(key) if key is not None else None
 
 
+class FilterBox(Input):
+    """The `/` filter. Its size comes from CSS, so typing needs no layout pass.
+
+    Input sets its virtual size on every new value, which asks the screen for a layout pass:
+    a repaint of every widget on every key. Here that request is dropped (the size it would
+    change is fixed); showing and hiding the box still lays the screen out."""
+
+    _typing = False
+
+    def _watch_value(self, value: str) -> None:
+        self._typing = True
+        try:
+            super()._watch_value(value)
+        finally:
+            self._typing = False
+
+    def refresh(
+        self,
+        *regions: Region,
+        repaint: bool = True,
+        layout: bool = False,
+        recompose: bool = False,
+    ) -> Self:
+        layout = layout and not self._typing
+        return super().refresh(*regions, repaint=repaint, layout=layout, recompose=recompose)
+
+
 class ErrorList(Static):
     """Malformed lines of the jobs file: file:line: reason, newest last."""
 
@@ -71,8 +101,10 @@ def _when(at: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
 
 
-class DetailPane(Static):
-    """Everything about the selected job: command, session, log, timestamps, history."""
+class DetailPane(TextPane):
+    """Everything about the selected job: command, session, log, timestamps, history.
+
+    A fixed-size pane: following the cursor from job to job repaints this pane only."""
 
     _shown: tuple[Detail | None, str] | None = None
 
@@ -81,9 +113,11 @@ class DetailPane(Static):
             return  # nothing changed: no repaint
         self._shown = (detail, attach)
         if detail is None:
+            self.border_title = "job"
             self.update(Text("No job selected.", style="dim"))
             return
         job = detail.job
+        self.border_title = f"job #{job.id}"
         title = Text.assemble((f"Job #{job.id} ", "bold"), state_text(job.status))
         title.append(f"   priority {job.priority}")
         if job.gpus:
@@ -139,7 +173,7 @@ class LogPane(Static):
         if detail is None or not detail.tail:
             what = "no output yet" if detail else "select a job to see its output"
             self.border_title = "log"
-            self.update(Text(what, style="dim"))
+            self.update(Text(what, style="dim"), layout=False)
             return
         where = "tmux pane" if detail.tail_source == "pane" else detail.job.log_path or "log"
         self.border_title = f"#{detail.job.id} — {where}"
