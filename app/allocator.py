@@ -21,6 +21,11 @@ How jobs share a GPU depends on `Policy.mode` (the per-GPU rules live in app.all
 - Multi-GPU jobs need N GPUs with nothing of ours on them, in every mode (share 1.0 each, except
   declared jobs in memory mode, whose declared memory later single-GPU jobs may share around).
 
+Which GPU a one-GPU job gets among those it fits on is `Policy.placement`: `pack` (default, best
+fit: the fullest as the mode counts it, keeping empty GPUs free for multi-GPU jobs), `first-fit`
+(the lowest-indexed) or `spread` (the emptiest); ties go to the lowest index. Multi-GPU jobs take
+the lowest-indexed GPUs that qualify under every placement.
+
 In every mode: paused GPUs, GPUs held for a starving job, `mem_threshold` (memory of other
 processes) and `load_threshold` (on GPUs without our jobs) keep a GPU off; so do `min_free_mem_mb`
 (free memory = total - used - reservations, below it), a declared `vram_mb` above the free memory,
@@ -201,8 +206,11 @@ class _Ledger:
             return tuple(ok[:n]) if len(ok) >= n else None
         if not ok:
             return None
+        placement = self.policy.placement
+        if placement == "first-fit":
+            return (ok[0],)  # ok is in ascending GPU order
         # Best fit keeps empty GPUs free for multi-GPU jobs; spread balances load instead.
-        sign = -1.0 if self.policy.pack else 1.0
+        sign = -1.0 if placement == "pack" else 1.0
         mode = self.mode
         return (min(ok, key=lambda g: (sign * round(self.gpus[g].fill(mode), 9), g)),)
 

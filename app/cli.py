@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app import __version__, control, jobsfile
+from app import __version__, control, jobsfile, sim_cli
 from app.cli_settings import effective_settings, settings_parent
 from app.config import effective_json, format_effective, load_settings
 from app.models import JobSpec, JobState
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, help="workspace directory (default: a new temp dir)")
     p.add_argument("--tui", action="store_true", help="watch it in the live dashboard (q quits)")
     p.set_defaults(handler=cmd_demo)
+    sim_cli.register(sub)
     return parser
 
 

@@ -178,6 +178,9 @@ class HostSnapshot:
 
 #: `Policy.mode` values: how jobs share a GPU (see app.allocator).
 ALLOCATION_MODES = ("share", "exclusive", "memory", "detected")
+#: `Policy.placement` values: which GPU a one-GPU job gets among those it fits on (see
+#: app.allocator): the fullest (best fit), the lowest-indexed, or the emptiest.
+PLACEMENTS = ("pack", "first-fit", "spread")
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ class Policy:
     ramp_up_s: float = 30.0  # a launched job's memory counts as used for this long
     starvation_s: float = 300.0  # a blocked head job older than this gets GPUs held for it
     backfill: bool = True  # let smaller jobs pass a blocked bigger one
-    pack: bool = True  # put fractional jobs on already-shared GPUs first
+    placement: str = "pack"  # one of PLACEMENTS: best fit, lowest index, or least used
     mode: str = "share"  # one of ALLOCATION_MODES
     max_workers: int | None = None  # at most this many of our jobs at once (None = no limit)
     min_free_mem_mb: int = 0  # a GPU with less free memory than this takes no new job
@@ -199,6 +202,8 @@ class Policy:
             raise ValueError(
                 f"allocation mode {self.mode!r} is not one of {', '.join(ALLOCATION_MODES)}"
             )
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement {self.placement!r} is not one of {', '.join(PLACEMENTS)}")
 
 
 @dataclass(frozen=True)

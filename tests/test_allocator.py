@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from app.allocator import allocate
 from app.models import (
+    PLACEMENTS,
     AllocationResult,
     GpuSnapshot,
     Policy,
@@ -208,7 +209,10 @@ def test_pack_prefers_fullest_gpu_that_fits() -> None:
 def test_spread_uses_least_used_gpu() -> None:
     gpus = [gpu(0), gpu(1), gpu(2)]
     result = run(
-        [qjob(2, 0.25), qjob(3, 0.25)], gpus, [rjob(1, (0,), 0.5)], policy=Policy(pack=False)
+        [qjob(2, 0.25), qjob(3, 0.25)],
+        gpus,
+        [rjob(1, (0,), 0.5)],
+        policy=Policy(placement="spread"),
     )
     assert placed(result) == {2: (1,), 3: (2,)}
 
@@ -391,7 +395,7 @@ policies = st.builds(
     ramp_up_s=st.floats(0, 100),
     starvation_s=st.floats(0, 2000),
     backfill=st.booleans(),
-    pack=st.booleans(),
+    placement=st.sampled_from(PLACEMENTS),
 )
 
 
@@ -471,7 +475,7 @@ def test_ten_thousand_jobs_on_eight_gpus() -> None:
         )
         for i in range(10_000)
     ]
-    for policy in (Policy(), Policy(backfill=False), Policy(pack=False, starvation_s=1e9)):
+    for policy in (Policy(), Policy(backfill=False), Policy(placement="spread", starvation_s=1e9)):
         result = allocate(queue, gpus, running, {7}, policy, NOW)
         check_invariants(queue, gpus, running, {7}, result)
         assert result.placements or policy.backfill is False

@@ -28,7 +28,11 @@ from app.models import (
     Requirement,
     RunningJob,
 )
-from tests.test_allocator import NOW, machines, policies, queues
+from tests.test_allocator import NOW, machines, queues
+from tests.test_allocator import policies as all_policies
+
+#: The frozen copy knows best fit (`pack`) and `spread`; `first-fit` came later.
+policies = all_policies.filter(lambda p: p.placement != "first-fit")
 
 # --- frozen copy of the pre-modes allocator ------------------------------------------------------
 
@@ -178,7 +182,7 @@ class _Ledger:
         if not ok:
             return None
         # Best fit keeps empty GPUs free for multi-GPU jobs; spread balances load instead.
-        sign = -1.0 if self.policy.pack else 1.0
+        sign = -1.0 if self.policy.placement == "pack" else 1.0
         return (min(ok, key=lambda g: (sign * round(self.gpus[g].share, 9), g)),)
 
     def hold(self, job: QueuedJob, cands: tuple[int, ...]) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from app.allocator import allocate
 from app.models import (
     ALLOCATION_MODES,
+    PLACEMENTS,
     AllocationResult,
     GpuSnapshot,
     HostSnapshot,
@@ -178,7 +179,11 @@ def test_memory_mode_leaves_room_for_other_processes() -> None:
 
 def test_memory_mode_undeclared_running_job_fills_its_gpu() -> None:
     result = run(
-        [qjob(2, 0.1, vram=100)], [gpu(0), gpu(1)], [rjob(1, (0,), 0.25)], mode="memory", pack=True
+        [qjob(2, 0.1, vram=100)],
+        [gpu(0), gpu(1)],
+        [rjob(1, (0,), 0.25)],
+        mode="memory",
+        placement="pack",
     )
     assert placed(result) == {2: (1,)}
     blocked = run([qjob(2, 0.1, vram=100)], [gpu(0)], [rjob(1, (0,), 0.25)], mode="memory")
@@ -215,7 +220,7 @@ def test_memory_mode_packs_onto_the_fullest_declared_gpu() -> None:
     running = [rjob(1, (0,), 0.5, vram=4000), rjob(2, (1,), 0.5, vram=12_000)]
     gpus = [gpu(0, used=4000), gpu(1, used=12_000), gpu(2)]
     assert placed(run([qjob(3, 0.5, vram=8000)], gpus, running, mode="memory")) == {3: (1,)}
-    spread = run([qjob(3, 0.5, vram=8000)], gpus, running, mode="memory", pack=False)
+    spread = run([qjob(3, 0.5, vram=8000)], gpus, running, mode="memory", placement="spread")
     assert placed(spread) == {3: (2,)}
 
 
@@ -572,7 +577,7 @@ def scenarios(
         ramp_up_s=draw(st.floats(0, 100)),
         starvation_s=draw(st.floats(0, 2000)),
         backfill=draw(st.booleans()),
-        pack=draw(st.booleans()),
+        placement=draw(st.sampled_from(PLACEMENTS)),
         mode=mode,
         max_workers=draw(st.none() | st.integers(0, 12)),
         min_free_mem_mb=draw(st.sampled_from([0, 0, 1000, 8000])),
