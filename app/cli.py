@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_dashboard)
 
-    p = sub.add_parser("add", parents=[parent], help="append a job line to the jobs file")
+    p = sub.add_parser(
+        "add",
+        parents=[parent],
+        help="append a job line to the jobs file",
+        usage="gpusched add SCRIPT [options] [-- ARGUMENTS...]",
+        epilog='The job\'s arguments go in --args "..." or after --, e.g. '
+        "gpusched add train.py --gpus 0-3 -- --llm qwen2.5-7b-inst --lr 3e-4",
+    )
     p.add_argument("script", help="script to run (.py with the env's python, .sh with bash)")
     p.add_argument("--conda", default="", help="conda env name or prefix path to activate")
     p.add_argument("--args", default="", help='arguments, e.g. --args "--llm qwen2.5-7b-inst"')
@@ -94,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-file",
         type=Path,
-        help="jobs file to append to (default: the running scheduler's, else ./jobs.txt)",
+        help="jobs file to append to (default: the scheduler's on this state directory, "
+        "running or last run, else ./jobs.txt)",
     )
     p.set_defaults(handler=cmd_add)
 
@@ -133,9 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """`--args "--llm x"` must work as written: glue a dash-leading value to its flag."""
-    out: list[str] = []
+    """`--args "--llm x"` must work as written: glue a dash-leading value to its flag.
+
+    `add SCRIPT [options] -- WORDS...` is the other way to give the arguments: the words after
+    `--` become `--args`, quoted so each stays one word."""
     args = list(argv)
+    if args[:1] == ["add"] and "--" in args:
+        cut = args.index("--")
+        args, rest = args[:cut], args[cut + 1 :]
+        if rest and any(a == "--args" or a.startswith("--args=") for a in args):
+            args.append("--args-twice")  # argparse then names the problem and exits 2
+        elif rest:
+            args.append(f"--args={shlex.join(rest)}")
+    out: list[str] = []
     i = 0
     while i < len(args):
         if args[i] == "--args" and i + 1 < len(args):
@@ -226,12 +245,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         allowed = jobsfile.parse_gpu_list(args.gpus)
     except ValueError as exc:
         raise control.ActionError(f"--gpus: {exc}") from None
-    target = args.output_file
-    if target is None:
-        paths = _paths(args)
-        running = control.scheduler_pid(paths) is not None and paths.db.exists()
-        target = Path(Store(paths.db).meta("jobs_file") or "jobs.txt") if running else None
-        target = target or Path("jobs.txt")
+    target = args.output_file or _jobs_file_of(_paths(args))
     words = [args.args] if args.args else []
     for flag, value in (("vram", args.vram), ("ram", args.ram), ("ramp-up", args.ramp_up)):
         if value is not None:  # directives the scheduler reads and removes (app/headers.py)
@@ -241,6 +255,20 @@ def cmd_add(args: argparse.Namespace) -> int:
     jobsfile.append_line(Path(target), line)
     print(f"added to {target}: {line}")
     return 0
+
+
+def _jobs_file_of(paths: StatePaths) -> Path:
+    """The jobs file of the scheduler on this state directory: the one running now, else the
+    last one that ran (recorded in the database); ./jobs.txt only when none ever ran."""
+    if paths.db.exists():
+        store = Store(paths.db)
+        try:
+            recorded = store.meta("jobs_file")
+        finally:
+            store.close()
+        if recorded:
+            return Path(recorded)
+    return Path("jobs.txt")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ import pytest
 from app.cli import main
 from app.jobsfile import parse_line
 from app.models import JobSpec
+from app.paths import StatePaths
 from app.service import serve
 from app.settings import Settings
+from app.store import Store
 from tests.helpers import wait_until
 from tests.workspace import make_workspace
 
@@ -77,6 +80,38 @@ def test_add_args_with_dashes_as_written(
     assert isinstance(second, JobSpec)
     assert second.args == "--tags a,b --q 'x y'"
     assert "added to" in capsys.readouterr().out
+
+
+def test_add_takes_the_words_after_a_double_dash_as_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("")
+    out = tmp_path / "jobs.txt"
+    words = ["--lr", "0.1", "--name", "two words", "--q=[a;b]"]
+    assert main(["add", str(script), "--output-file", str(out), "--", *words]) == 0
+    (line,) = out.read_text().splitlines()
+    spec = parse_line(line, file="jobs.txt", line=1, base_dir=tmp_path, gpu_count=None)
+    assert isinstance(spec, JobSpec) and shlex.split(spec.args) == words
+    with pytest.raises(SystemExit):  # both ways at once: refused, nothing written
+        main(["add", str(script), "--args", "--x 1", "--output-file", str(out), "--", "--y"])
+    assert "unrecognized arguments: --args-twice" in capsys.readouterr().err
+    assert out.read_text().splitlines() == [line]
+
+
+def test_add_without_a_running_scheduler_uses_the_last_ones_jobs_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("")
+    state = StatePaths(tmp_path / "state").ensure()
+    store = Store(state.db)
+    store.set_meta({"jobs_file": str(tmp_path / "their-jobs.txt")})
+    store.close()
+    monkeypatch.chdir(tmp_path)  # a ./jobs.txt here must not be the one written
+    assert main(["add", str(script), "--state-dir", str(state.root)]) == 0
+    assert (tmp_path / "their-jobs.txt").read_text().count("script.py") == 1
+    assert not (tmp_path / "jobs.txt").exists()
 
 
 def test_add_rejects_missing_script_and_bad_gpus(
