@@ -181,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except (control.ActionError, SettingsError) as exc:
         print(f"gpusched: error: {exc}", file=sys.stderr)
-        return 1
+        code: int = getattr(exc, "exit_code", 1)  # e.g. 2: refusing an untrusted file
+        return code
     except KeyboardInterrupt:
         return 130
 
@@ -250,8 +251,13 @@ def cmd_add(args: argparse.Namespace) -> int:
     for flag, value in (("vram", args.vram), ("ram", args.ram), ("ramp-up", args.ramp_up)):
         if value is not None:  # directives the scheduler reads and removes (app/headers.py)
             words.append(f"--gpusched-{flag} {value:g}")
+    if args.conda and (problem := jobsfile.conda_env_problem(args.conda)):
+        raise control.ActionError(f"--conda: {problem}")
     spec = JobSpec(args.priority, str(script), args.conda, " ".join(words), allowed)
-    line = jobsfile.format_line(spec)
+    try:
+        line = jobsfile.format_line(spec)
+    except ValueError as exc:  # a line break in the arguments: one line cannot hold it
+        raise control.ActionError(f"{exc} (use the commands file for that)") from None
     jobsfile.append_line(Path(target), line)
     print(f"added to {target}: {line}")
     return 0

@@ -73,6 +73,12 @@ def settings_parent() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also queue scripts dropped in DIR/1.to_run/ (folders created if missing)",
     )
+    switch(
+        "--no-strict-modes",
+        "strict_modes",
+        False,
+        "read the inputs even when others can change them (docs/security.md)",
+    )
     # Where jobs run
     flag("--runner", choices=RUNNERS, help="run jobs in tmux, GNU Screen or as children (tmux)")
     switch("--screen", "runner", "screen", "run jobs in GNU Screen sessions (= --runner screen)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from app import trust
 from app.settings import (
     CONVERTERS,
     Settings,
@@ -58,13 +59,22 @@ def load_settings(
     """Defaults < config file < environment < flags (None = not given).
 
     The config file is `config_file` (an error if missing), else the first of CONFIG_FILES
-    found in `cwd` (default: the working directory). `flag_names` says which flag gave a
-    setting (`{"runner": "--screen"}`), for the sources; the default is `--` + the name.
+    found in `cwd` (default: the working directory); one that others can change is refused
+    (trust.UntrustedPathError) unless the environment or a flag turns strict_modes off.
+    `flag_names` says which flag gave a setting (`{"runner": "--screen"}`), for the sources;
+    the default is `--` + the name.
     """
     directory = cwd or Path.cwd()
     path = directory / config_file if config_file is not None else find_config(directory)
+    env_values, flag_values = env_layer(env), flag_layer(flags, flag_names)
+    # The file cannot vouch for itself: only the environment or a flag turns its check off.
+    strict, _ = {**env_values, **flag_values}.get("strict_modes", (True, "default"))
+    if path is not None and strict:
+        problem = trust.check(path, "config file")
+        if problem is not None:
+            raise trust.UntrustedPathError(f"refusing to read {problem}", "strict_modes")
     file_layer = read_config(path) if path is not None else {}
-    settings, sources = merge(file_layer, env_layer(env), flag_layer(flags, flag_names))
+    settings, sources = merge(file_layer, env_values, flag_values)
     return Effective(settings, sources, path)
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from app.headers import read_header
 from app.models import Job, JobState
-from app.paths import StatePaths
+from app.paths import FILE_MODE, StatePaths, private_dir, private_file, tighten
 from app.runners import Runner, TmuxRunner
 from app.runners.direct import DirectRunner, kill_orphan, stdout_echo, tail_argv
 from app.runners.screen import ScreenRunner
-from app.settings import Settings
+from app.settings import Settings, check_field
 from app.store import Store
 
 
@@ -39,6 +39,8 @@ def runner_for(runner_id: str) -> Runner:
     sessions: its jobs are reached by pid (`kill_job`) and log (`attach_argv`)."""
     kind, _, arg = runner_id.partition(":")
     if kind == "tmux":
+        if arg and check_field("tmux_socket", arg):  # never a path: `-L ../elsewhere`
+            raise ActionError(f"runner {runner_id!r}: bad tmux socket name")
         return TmuxRunner(arg or None)
     if kind == "screen":
         return ScreenRunner(arg or None)
@@ -77,8 +79,9 @@ class SchedulerLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        private_dir(self.path.parent, existing_too=False)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        tighten(self.path)
         deadline = time.monotonic() + LOCK_GRACE_S
         while True:
             try:
@@ -131,7 +134,8 @@ def scheduler_pid(paths: StatePaths) -> int | None:
 
 
 def wake_scheduler(paths: StatePaths) -> None:
-    paths.root.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.root, existing_too=False)
+    private_file(paths.wakeup)
     paths.wakeup.write_text(f"{time.time()}\n")
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app import intake, jobsfile, tailer
+from app import intake, tailer, trust
 from app.allocator import allocate
 from app.gpus import GpuProbe, ProbeError
 from app.gpus.host import host_snapshot
@@ -26,15 +26,16 @@ from app.models import (
     Job,
     JobState,
     Placement,
-    QueuedJob,
     Requirement,
     RequirementError,
     RunningJob,
 )
 from app.paths import StatePaths
+from app.pending import PendingQueue
 from app.reaper import Reaper
-from app.requirements import LlmConfig, LlmConfigCache, RequirementMemo
+from app.requirements import LlmConfig, RequirementMemo
 from app.runners import LaunchError, Runner
+from app.runners.common import runner_chores, scheduler_pass
 from app.settings import Settings
 from app.spool import Spool
 from app.store import Store
@@ -72,7 +73,8 @@ class Daemon:
         self.jobs_file = settings.jobs_file.resolve()
         self.commands_file = settings.commands_file.resolve() if settings.commands_file else None
         self.spool = Spool(settings.spool_dir, store) if settings.spool_dir else None
-        self.llm = LlmConfigCache(settings.llm_config.resolve())
+        self.gate = trust.Gate(settings.strict_modes)  # inputs others can change are not read
+        self.llm = trust.GuardedLlmConfig(settings.llm_config.resolve(), self.gate)
         self.reaper = Reaper(store, paths, runner, runner_for, runner_id)
         self.wake = threading.Event()
         self._jobs_dirty = True
@@ -84,6 +86,7 @@ class Daemon:
         self._last_probe_error = ""
         self._last_config_error = ""
         self._requirements = RequirementMemo()
+        self._pending = PendingQueue(store, self._requirement)
         self._policy = settings.policy()
         #: files whose change means new jobs (spool: any event inside its inbox)
         self._input_paths = {str(self.jobs_file), str(self.commands_file)}
@@ -101,21 +104,20 @@ class Daemon:
         check_sessions = now - self._last_session_check >= self.settings.state_interval
         if check_sessions:
             self._last_session_check = now
-        report.ended = self.reaper.reap(now, check_sessions=check_sessions)
-        if self.spool is not None:
-            self.spool.sync()  # scripts follow their jobs' states, whoever changed them
-        config = self.llm.get()  # once per pass: it stats the file
-        self._requeue_unschedulable_on_change(gpus)
-        report.started = self._schedule(now, gpus, config)
+        with scheduler_pass(self.runner):  # what can wait for the launches waits (do_chores)
+            report.ended = self.reaper.reap(now, check_sessions=check_sessions)
+            if self.spool is not None:
+                self.spool.sync()  # scripts follow their jobs' states, whoever changed them
+            config = self.llm.get()  # once per pass: it stats the file
+            self._requeue_unschedulable_on_change(gpus)
+            report.started = self._schedule(now, gpus, config)
         return report
 
     def _probe(self, now: float) -> list[GpuSnapshot] | None:
         try:
-            gpus = self.probe.snapshot()
+            gpus, error = self.probe.snapshot(), ""
         except ProbeError as exc:
-            error = str(exc)
-        else:
-            error = ""
+            gpus, error = [], str(exc)
         if error:
             if error != self._last_probe_error:  # log a failure once, not every tick
                 self._last_probe_error = error
@@ -139,11 +141,10 @@ class Daemon:
 
     def ingest(self, now: float) -> list[int]:
         """Queue what is new in every input: jobs file, commands file, spool folder."""
-        parse = intake.jobs_parser(self.jobs_file, lambda: self._gpu_count)
-        queued = intake.read_file(self.store, self.jobs_file, parse, now)
+        gpu_count = lambda: self._gpu_count  # noqa: E731  # read per line: it may change
+        queued = intake.read_jobs(self.store, self.jobs_file, gpu_count, now, self.gate)
         if self.commands_file is not None:
-            parse = intake.command_parser(self.commands_file)
-            queued += intake.read_file(self.store, self.commands_file, parse, now)
+            queued += intake.read_commands(self.store, self.commands_file, now, self.gate)
         if self.spool is not None:
             queued += self.spool.intake(now)
         return queued
@@ -174,46 +175,20 @@ class Daemon:
     def _schedule(
         self, now: float, gpus: list[GpuSnapshot] | None, config: LlmConfig
     ) -> list[Placement]:
-        pending = self.store.jobs([JobState.PENDING])
-        if not pending:
-            return []
-        queue: list[QueuedJob] = []
-        jobs_by_id: dict[int, Job] = {}
-        requirement_of: dict[int, Requirement] = {}
-        changes: dict[int, dict[str, object]] = {}
-        for job in pending:
-            try:
-                requirement = self._requirement(config, job)
-            except RequirementError as exc:
-                self.store.transition(
-                    job.id,
-                    JobState.UNSCHEDULABLE,
-                    when=[JobState.PENDING],
-                    detail=str(exc),
-                    reason=str(exc),
-                    ended_at=now,
-                )
-                continue
-            if job.requirement != requirement.amount or job.vram_mb != requirement.vram_mb:
-                # Stored for display and for the ledger once it runs.
-                changes[job.id] = {
-                    "requirement": requirement.amount,
-                    "vram_mb": requirement.vram_mb,
-                }
-            if job.next_attempt_at is not None and job.next_attempt_at > now:
-                continue  # waiting out a launch back-off; its reason says so
-            jobs_by_id[job.id] = job
-            requirement_of[job.id] = requirement
-            queue.append(
-                QueuedJob(
-                    id=job.id,
-                    priority=job.priority,
-                    seq=job.seq,
-                    requirement=requirement,
-                    allowed_gpus=jobsfile.parse_gpu_list(job.allowed_gpus or ""),
-                    waiting_since=job.queued_at,
-                )
+        pending = self._pending.build(config, now)
+        for job, reason in pending.invalid:
+            self.store.transition(
+                job.id,
+                JobState.UNSCHEDULABLE,
+                when=[JobState.PENDING],
+                detail=reason,
+                reason=reason,
+                ended_at=now,
             )
+        queue, jobs_by_id, changes = pending.queue, pending.jobs_by_id, pending.changes
+        if not queue:
+            self.store.update_pending(changes)
+            return []
         needs_ram = any(job.requirement.ram_mb is not None for job in queue)  # else unread
         result = allocate(
             queue,
@@ -241,7 +216,7 @@ class Daemon:
             log.warning("job %d unschedulable: %s", job_id, reason)
         started = []
         for placement in result.placements:
-            if self._launch(jobs_by_id[placement.job_id], placement, requirement_of, now):
+            if self._launch(jobs_by_id[placement.job_id], placement, pending.requirement_of, now):
                 started.append(placement)
         return started
 
@@ -377,22 +352,30 @@ class Daemon:
         self.wake.set()
 
     def watched_dirs(self) -> list[Path]:
-        dirs = [self.jobs_file.parent, self.paths.root, self.paths.exits, self.llm.path.parent]
+        """Where input files change (every write counts: a writer may keep the file open)."""
+        dirs = [self.jobs_file.parent, self.llm.path.parent]
         if self.commands_file is not None:
             dirs.append(self.commands_file.parent)
         if self.spool is not None:
             dirs.append(self.spool.inbox)
         return list(dict.fromkeys(dirs))
 
+    def quiet_dirs(self) -> list[Path]:
+        """Where only finished writes count: the state folder (`wakeup`, and the scheduler's
+        own SQLite and log writes, which need no event) and the exit records."""
+        return [self.paths.root, self.paths.exits]
+
     def run(self, stop: threading.Event) -> None:
         self.reaper.reconcile(time.time())
         if self.spool is not None:
             self.spool.recover(time.time())
-        with tailer.PathWatcher(self.watched_dirs(), self.on_path_event):
+        with tailer.PathWatcher(self.watched_dirs(), self.on_path_event, self.quiet_dirs()):
             while not stop.is_set():
                 self.wake.clear()
                 try:
                     self.tick(time.time())
+                    runner_chores(self.runner, self.wake)
                 except Exception:  # one bad pass must not stop the scheduler
                     log.exception("scheduler pass failed; continuing")
                 self.wake.wait(self.settings.tick_interval)
+        runner_chores(self.runner, None)

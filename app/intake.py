@@ -16,6 +16,7 @@ from app import jobsfile, tailer
 from app.headers import read_header
 from app.models import JobSpec, LineError
 from app.store import Store
+from app.trust import Gate
 
 log = logging.getLogger("gpusched")
 
@@ -65,11 +66,32 @@ def jobs_parser(path: Path, gpu_count: Callable[[], int | None]) -> Parser:
     return parse
 
 
-def read_file(store: Store, path: Path, parse: Parser, now: float) -> list[int]:
-    """Queue the complete new lines of `path`; returns the ids of jobs queued (or re-queued)."""
+def read_file(
+    store: Store,
+    path: Path,
+    parse: Parser,
+    now: float,
+    gate: Gate | None = None,
+    what: str = "file",
+) -> list[int]:
+    """Queue the complete new lines of `path`; returns the ids of jobs queued (or re-queued).
+
+    With a `gate`, a file that others can change (app/trust.py) is not read: the problem is
+    reported once, as an error at the first line not read yet, and reading resumes there
+    once it is fixed."""
     key = str(path)
     cursor_json = store.cursor_json(key)
     cursor = tailer.FileCursor.from_json(cursor_json) if cursor_json else tailer.FileCursor()
+    if gate is not None:
+        trusted, news = gate.check(path, what)
+        if news is not None and trusted:
+            log.info("%s", news)
+        elif news is not None:
+            log.error("%s", news)
+            error = LineError(path.name, cursor.line_count + 1, news)
+            store.ingest(key, cursor.to_json(), None, [], [], [error], now)
+        if not trusted:
+            return []
     previous: list[Counter[str]] = []
 
     def load_seen() -> Counter[str]:
@@ -104,6 +126,18 @@ def read_file(store: Store, path: Path, parse: Parser, now: float) -> list[int]:
     for job_id in report.requeued:
         log.info("job %d queued again", job_id)
     return report.queued + report.requeued
+
+
+def read_jobs(
+    store: Store, path: Path, gpu_count: Callable[[], int | None], now: float, gate: Gate | None
+) -> list[int]:
+    """`read_file` for the jobs file."""
+    return read_file(store, path, jobs_parser(path, gpu_count), now, gate, "jobs file")
+
+
+def read_commands(store: Store, path: Path, now: float, gate: Gate | None) -> list[int]:
+    """`read_file` for the commands file."""
+    return read_file(store, path, command_parser(path), now, gate, "commands file")
 
 
 def _seen_after_rewrite(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -25,6 +26,41 @@ from app.models import JobSpec, LineError
 FIELDS = "priority,script_path,conda_env,arguments,allowed_gpus"
 #: A GPU id above this is a typo, and refusing it keeps `0-99999999` from building a huge tuple.
 MAX_GPU_ID = 4095
+
+
+#: The characters of a conda_env field: a conda environment name (conda itself refuses '/',
+#: ' ', ':' and '#'; this is stricter: ASCII, nothing a shell or conda's activation script
+#: could read as syntax), or a path to an environment prefix (it has a '/'), which may also
+#: hold '/', '~', '@', ',' and '=' but not '$' (conda expands variables in a prefix), ':' (it
+#: would split PATH) or blanks. Neither may start with '-' (an option to `conda activate`).
+_CONDA_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.+-]")
+_CONDA_PATH_CHARS = re.compile(r"[^A-Za-z0-9_.+/~@,=-]")
+#: Longer is a typo (a Linux path is at most 4095 bytes).
+_CONDA_MAX = 4095
+
+
+def conda_env_problem(name: str) -> str | None:
+    """Why `name` cannot be a conda_env field (a message for the user), or None if it can.
+
+    Checked before the name reaches a command line: it travels as one argv word to
+    `conda activate`, and conda's activation writes the prefix into shell code it evaluates.
+    """
+    is_path = "/" in name
+    bad = (_CONDA_PATH_CHARS if is_path else _CONDA_NAME_CHARS).search(name)
+    if bad is not None:
+        why = f"has {bad.group()!r}, which is not allowed"
+    elif name.startswith("-"):
+        why = "cannot start with '-'"
+    elif name in (".", ".."):
+        why = "is not an environment name"
+    elif len(name) > _CONDA_MAX:
+        why = f"is longer than {_CONDA_MAX} characters"
+    else:
+        return None  # including "": no conda activation
+    allowed = "letters, digits and _ . + -" + (" / ~ @ , =" if is_path else "")
+    kind = "a path to an environment" if is_path else "an environment name"
+    shown = name if len(name) <= 60 else name[:60] + "…"
+    return f"conda_env {shown!r} {why} (in {kind}: ASCII {allowed})"
 
 
 def parse_gpu_list(text: str) -> tuple[int, ...] | None:
@@ -167,6 +203,10 @@ def parse_line(
     if not script_path.is_file():
         what = "is not a file" if script_path.exists() else "not found"
         return error(f"script {script} {what}")
+
+    conda_problem = conda_env_problem(conda_env)
+    if conda_problem is not None:
+        return error(conda_problem)
 
     try:
         shlex.split(args)

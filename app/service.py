@@ -10,10 +10,11 @@ import threading
 import time
 from types import FrameType
 
+from app import trust
 from app.control import SchedulerLock, make_runner, runner_for
 from app.daemon import Daemon
 from app.gpus import make_probe
-from app.paths import StatePaths, state_paths
+from app.paths import StatePaths, private_file, state_paths
 from app.settings import Settings
 from app.store import Store
 
@@ -24,6 +25,7 @@ def setup_logging(paths: StatePaths, stream: bool = True) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     log.setLevel(logging.INFO)
     log.handlers.clear()
+    private_file(paths.scheduler_log)  # 0600: FileHandler keeps an existing file's mode
     file_handler = logging.FileHandler(paths.scheduler_log)
     file_handler.setFormatter(fmt)
     log.addHandler(file_handler)
@@ -46,11 +48,15 @@ def build_daemon(settings: Settings, paths: StatePaths, store: Store, echo: bool
 
 
 def serve(settings: Settings, stop: threading.Event | None = None, console: bool = True) -> int:
-    """`gpusched start`: refuses when another scheduler owns the state directory."""
+    """`gpusched start`: refuses when another scheduler owns the state directory, and
+    (trust.UntrustedPathError) when others can change an input or the state directory."""
     paths = state_paths(settings.state_dir).ensure()
+    trust.require_trusted(settings, paths.root)
     lock = SchedulerLock(paths)
     lock.acquire()
     setup_logging(paths, stream=console)
+    if not settings.strict_modes:
+        log.warning("strict modes are off: inputs are read whoever can change them")
     store = Store(paths.db)
     stop = stop or threading.Event()
     try:

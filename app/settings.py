@@ -8,6 +8,7 @@ reports where each effective value came from.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -91,6 +92,9 @@ class Settings:
     """Fraction of each GPU's memory the scheduler's jobs may fill, in (0, 1]; None = no limit."""
     log_dir: Path | None = None
     """Where job logs are written; None = `logs/` in the state directory."""
+    strict_modes: bool = True
+    """Refuse inputs (jobs file, llm_config.json, ...) that others can change, like sshd's
+    StrictModes (app/trust.py); False reads them anyway."""
 
     def policy(self) -> Policy:
         return Policy(
@@ -141,10 +145,21 @@ _AT_LEAST_ONE = ("max_assign_attempts", "gpus", "max_workers")
 _CHOICES = {"gpu_backend": GPU_BACKENDS, "runner": RUNNERS, "mode": MODES}
 
 
+#: A tmux socket name (`tmux -L NAME`): a file name in tmux's private socket directory.
+TMUX_SOCKET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def check_field(name: str, value: object) -> str | None:
     """What is wrong with `value` for setting `name` ("must be ..."), or None when it is fine."""
     if value is None:
         return None
+    if name == "tmux_socket" and not (
+        isinstance(value, str) and TMUX_SOCKET_NAME.fullmatch(value) and len(value) <= 100
+    ):
+        return (
+            "must be a socket name of letters, digits, '_', '.' and '-' (not a path; "
+            f"tmux keeps it in its private directory), got {value!r}"
+        )
     if name in _CHOICES:
         options = _CHOICES[name]
         return None if value in options else f"must be {_one_of(options)}, got {value!r}"

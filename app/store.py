@@ -7,6 +7,7 @@ marked running (with `launched = 0`) before its session is created.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from app.jobsfile import format_gpu_list
 from app.models import BLOCKING_DUPLICATE_STATES, Job, JobSpec, JobState, LineError
+from app.paths import private_dir, private_file, tighten
 from app.schema import migrate
 
 
@@ -32,7 +34,11 @@ class Store:
     """One connection per process (SQLite in WAL mode allows one writer and many readers)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent, existing_too=False)
+        # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+        private_file(path)
+        for extra in ("-wal", "-shm"):  # left by an older version with the umask's modes
+            tighten(path.with_name(path.name + extra))
         self.path = path
         self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
@@ -84,6 +90,11 @@ class Store:
             (rev, len(source_prefix), source_prefix),
         )
         return [Job.from_row(r) for r in rows]
+
+    def max_rev(self) -> int:
+        """The newest revision stamp given to a job row (0 before the first)."""
+        row = self.db.execute("SELECT value FROM counters WHERE name = 'jobs_rev'").fetchone()
+        return int(row[0]) if row else 0
 
     def counts(self) -> dict[str, int]:
         rows = self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status")
@@ -166,8 +177,8 @@ class Store:
         requeued: list[int] = []
         dups: list[tuple[str, int, JobState]] = []
         with self.tx() as db:
-            for spec in specs:
-                self._ingest_one(db, spec, now, queued, requeued, dups)
+            if specs:
+                self._ingest_specs(db, specs, now, queued, requeued, dups)
             for err in errors:
                 db.execute(
                     "INSERT INTO line_errors (file, line, reason, at) VALUES (?, ?, ?, ?)",
@@ -188,67 +199,70 @@ class Store:
             )
         return IngestReport(queued, requeued, dups)
 
-    def _ingest_one(
+    def _ingest_specs(
         self,
         db: sqlite3.Connection,
-        spec: JobSpec,
+        specs: Sequence[JobSpec],
         now: float,
         queued: list[int],
         requeued: list[int],
         dups: list[tuple[str, int, JobState]],
     ) -> None:
-        allowed = format_gpu_list(spec.allowed_gpus) if spec.allowed_gpus is not None else None
-        row = db.execute("SELECT id, status FROM jobs WHERE key = ?", (spec.key,)).fetchone()
-        if row is not None:
-            state = JobState(row["status"])
+        """New jobs in a few statements (a 100,000-line file is one transaction, so the
+        per-row cost is what counts); known ones are duplicates or queued again."""
+        # The next submission number, read once (MAX(seq) per line scans the table each time).
+        seq = itertools.count(_next_seq(db))
+        keys = [spec.key for spec in specs]  # a property that splits and hashes: once each
+        known = _rows_by_key(db, keys)
+        fresh: list[tuple[object, ...]] = []
+        fresh_sources: dict[str, str] = {}  # key -> source of its line, new in this read
+        later: list[tuple[str, str]] = []  # (source, key): a repeat of a line new in this read
+        for spec, key in zip(specs, keys, strict=True):
+            if key in fresh_sources:
+                later.append((spec.source, key))
+                continue
+            allowed = format_gpu_list(spec.allowed_gpus) if spec.allowed_gpus is not None else None
+            row = known.get(key)
+            if row is None:
+                fresh_sources[key] = spec.source
+                fresh.append((key, spec.priority, next(seq), spec.script, spec.conda_env,
+                              spec.args, allowed, spec.source, spec.kind, spec.declared, now,
+                              now))  # fmt: skip
+                continue
+            job_id, state = row
             if state in BLOCKING_DUPLICATE_STATES:
-                dups.append((spec.source, row["id"], state))
-                _event(
-                    db, "info", f"{spec.source}: duplicate of job {row['id']} ({state}), skipped"
-                )
-                return
+                dups.append((spec.source, job_id, state))
+                _event(db, "info", f"{spec.source}: duplicate of job {job_id} ({state}), skipped")
+                continue
             # An identical line queues a failed (killed, lost, unschedulable) job again.
             db.execute(
                 "UPDATE jobs SET priority = ?, allowed_gpus = ?, source = ?, seq = ?, "
                 "queued_at = ?, declared = ? WHERE id = ?",
+                (spec.priority, allowed, spec.source, next(seq), now, spec.declared, job_id),
+            )
+            _reset_to_pending(db, job_id, now, f"queued again by {spec.source}")
+            requeued.append(job_id)
+            known[key] = (job_id, JobState.PENDING)
+        if fresh:
+            last = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
+            db.executemany(
+                "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args,"
+                " allowed_gpus, source, kind, declared, submitted_at, queued_at)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                fresh,
+            )
+            ids = dict(db.execute("SELECT key, id FROM jobs WHERE id > ? ORDER BY id", (last,)))
+            db.executemany(
+                "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, 'pending', ?)",
                 (
-                    spec.priority,
-                    allowed,
-                    spec.source,
-                    _next_seq(db),
-                    now,
-                    spec.declared,
-                    row["id"],
+                    (ids[key], now, f"submitted from {source}" if source else "submitted")
+                    for key, source in fresh_sources.items()
                 ),
             )
-            _reset_to_pending(db, row["id"], now, f"queued again by {spec.source}")
-            requeued.append(row["id"])
-            return
-        cur = db.execute(
-            "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args, allowed_gpus,"
-            " source, kind, declared, submitted_at, queued_at)"
-            " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                spec.key,
-                spec.priority,
-                _next_seq(db),
-                spec.script,
-                spec.conda_env,
-                spec.args,
-                allowed,
-                spec.source,
-                spec.kind,
-                spec.declared,
-                now,
-                now,
-            ),
-        )
-        job_id = int(cur.lastrowid or 0)
-        db.execute(
-            "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, 'pending', ?)",
-            (job_id, now, f"submitted from {spec.source}" if spec.source else "submitted"),
-        )
-        queued.append(job_id)
+            queued.extend(ids[key] for key in fresh_sources)
+            for source, key in later:
+                dups.append((source, ids[key], JobState.PENDING))
+                _event(db, "info", f"{source}: duplicate of job {ids[key]} (pending), skipped")
 
     def update_pending(self, changes: dict[int, dict[str, object]]) -> None:
         """Reasons and requirements of pending jobs, written only when they changed."""
@@ -330,6 +344,20 @@ class Store:
                 (priority, job_id),
             )
             return cur.rowcount > 0
+
+
+def _rows_by_key(db: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[int, JobState]]:
+    """(id, status) of the stored jobs among `keys`, a few hundred keys per query."""
+    found: dict[str, tuple[int, JobState]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        rows = db.execute(
+            f"SELECT key, id, status FROM jobs WHERE key IN ({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        found.update((r[0], (int(r[1]), JobState(r[2]))) for r in rows)
+    return found
 
 
 def _next_seq(db: sqlite3.Connection) -> int:

@@ -31,7 +31,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, TypeGuard
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
@@ -175,6 +183,20 @@ def read_new(path: Path, cursor: FileCursor, load_seen: Callable[[], Counter[str
 #: daemon's own reads produce them, and reacting to them would make it wake itself forever.
 _CONTENT_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
+#: What inotify is asked for (watchdog derives the kernel's event mask from it): files only,
+#: never opens and reads, so the scheduler's own reads (GPU file, jobs file, SQLite) cost no
+#: event at all. A "quiet" directory gets only the events of a finished write (closed after
+#: writing, created, renamed into place): the state directory and its exit records, where
+#: the scheduler's own SQLite, log writes and record deletions would otherwise each be one.
+_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileClosedEvent,
+]
+_QUIET_FILTER: list[type[FileSystemEvent]] = [FileCreatedEvent, FileMovedEvent, FileClosedEvent]
+
 
 class _Handler(FileSystemEventHandler):
     def __init__(self, callback: Callable[[str], None]) -> None:
@@ -202,14 +224,23 @@ class PathWatcher:
 
     Paths are absolute strings as inotify reports them; the callback should be quick (e.g. set
     a wakeup event) and filter the paths it cares about. Missing directories are created.
+    Directories in `quiet` (and not also given in `dirs`) report only finished writes: files
+    closed after writing, created, or renamed into place; not every write(2) nor deletions.
     """
 
-    def __init__(self, dirs: Sequence[Path], callback: Callable[[str], None]) -> None:
+    def __init__(
+        self, dirs: Sequence[Path], callback: Callable[[str], None], quiet: Sequence[Path] = ()
+    ) -> None:
         self._dirs: list[Path] = []
         for d in dirs:
             resolved = Path(d).expanduser().absolute()
             if resolved not in self._dirs:  # watching a directory twice doubles every event
                 self._dirs.append(resolved)
+        self._quiet: list[Path] = []
+        for d in quiet:
+            resolved = Path(d).expanduser().absolute()
+            if resolved not in self._dirs and resolved not in self._quiet:
+                self._quiet.append(resolved)
         self._handler = _Handler(callback)
         self._observer: BaseObserver | None = None
         self._lock = threading.Lock()
@@ -219,9 +250,10 @@ class PathWatcher:
             if self._observer is not None:
                 return
             observer = Observer()
-            for d in self._dirs:
-                d.mkdir(parents=True, exist_ok=True)
-                observer.schedule(self._handler, str(d), recursive=False)
+            for dirs, kinds in ((self._dirs, _FILTER), (self._quiet, _QUIET_FILTER)):
+                for d in dirs:
+                    d.mkdir(parents=True, exist_ok=True)
+                    observer.schedule(self._handler, str(d), recursive=False, event_filter=kinds)
             observer.daemon = True  # never keep the process alive on its own
             observer.start()
             self._observer = observer

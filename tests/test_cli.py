@@ -99,6 +99,19 @@ def test_add_takes_the_words_after_a_double_dash_as_arguments(
     assert out.read_text().splitlines() == [line]
 
 
+def test_add_refuses_a_bad_conda_env_and_a_line_break_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text("")
+    out = tmp_path / "jobs.txt"
+    assert main(["add", str(script), "--conda", "x;y", "--output-file", str(out)]) == 1
+    assert "--conda:" in capsys.readouterr().err
+    assert main(["add", str(script), "--output-file", str(out), "--", "a\nb"]) == 1
+    assert "line break" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_add_without_a_running_scheduler_uses_the_last_ones_jobs_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

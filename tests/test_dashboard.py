@@ -288,7 +288,7 @@ def test_attach_headless_says_what_to_run_help_and_quit(scene: Scene) -> None:
         await pilot.press("2")
         await select_job(pilot, app, 1)
         await pilot.press("a")  # no terminal to hand over in a headless run: say the command
-        await until(pilot, lambda: any(f"attach -t {session}" in m for m, _ in notes(app)))
+        await until(pilot, lambda: any(f"attach -t ={session}" in m for m, _ in notes(app)))
         await pilot.press("question_mark")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import multiprocessing
 import shlex
+import string
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.jobsfile import append_line, format_gpu_list, format_line, parse_gpu_list, parse_line
+from app.jobsfile import (
+    append_line,
+    conda_env_problem,
+    format_gpu_list,
+    format_line,
+    parse_gpu_list,
+    parse_line,
+)
 from app.models import JobSpec, LineError
 
 
@@ -208,6 +216,8 @@ def test_parse_line_never_raises_on_csv_like_text(scripts: Path, parts: list[str
     assert result is None or isinstance(result, JobSpec | LineError)
 
 
+CONDA_CHARS = string.ascii_letters + string.digits + "_.+-/~@,="
+
 shell_word = st.text(
     st.one_of(
         st.sampled_from(list(",\"'; $()`\\|&*#=-")),
@@ -221,10 +231,10 @@ shell_word = st.text(
 @given(
     priority=st.integers(-(10**6), 10**6),
     words=st.lists(shell_word, max_size=6),
-    conda_env=st.text(
-        st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters=","),
-        max_size=10,
-    ).map(str.strip),
+    # Every environment name or prefix path that conda_env_problem accepts (tested below).
+    conda_env=st.text(st.sampled_from(CONDA_CHARS), max_size=10).filter(
+        lambda env: conda_env_problem(env) is None
+    ),
     allowed=st.none() | st.sets(st.integers(0, 15), min_size=1).map(lambda s: tuple(sorted(s))),
 )
 def test_format_line_round_trip(

@@ -343,14 +343,14 @@ def test_attach_argv(tmux_socket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     private = TmuxRunner(socket_name=tmux_socket)
     default = TmuxRunner()
     monkeypatch.delenv("TMUX", raising=False)
-    assert default.attach_argv("gpujob_1_0_x") == ["tmux", "attach", "-t", "gpujob_1_0_x"]
-    assert private.attach_argv("s") == ["tmux", "-L", tmux_socket, "attach", "-t", "s"]
+    assert default.attach_argv("gpujob_1_0_x") == ["tmux", "attach", "-t", "=gpujob_1_0_x"]
+    assert private.attach_argv("s") == ["tmux", "-L", tmux_socket, "attach", "-t", "=s"]
     monkeypatch.setenv("TMUX", "/tmp/tmux-1000/default,123,0")
-    assert default.attach_argv("s") == ["tmux", "switch-client", "-t", "s"]
-    nested = ["env", "-u", "TMUX", "tmux", "-L", tmux_socket, "attach", "-t", "s"]
+    assert default.attach_argv("s") == ["tmux", "switch-client", "-t", "=s"]
+    nested = ["env", "-u", "TMUX", "tmux", "-L", tmux_socket, "attach", "-t", "=s"]
     assert private.attach_argv("s") == nested
     monkeypatch.setenv("TMUX", f"/tmp/tmux-1000/{tmux_socket},123,0")
-    assert private.attach_argv("s") == ["tmux", "-L", tmux_socket, "switch-client", "-t", "s"]
+    assert private.attach_argv("s") == ["tmux", "-L", tmux_socket, "switch-client", "-t", "=s"]
 
 
 def test_wrapper_is_standalone(tmp_path: Path) -> None:

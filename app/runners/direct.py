@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -34,24 +35,20 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from app import proctree
 from app.launch import LaunchRequest
 from app.runners.base import Launched, LaunchError, RunnerError, SessionState
-from app.runners.common import WRAPPER, prepare_launch, wrapper_argv
+from app.runners.common import SPARES, WRAPPER, prepare_launch, wrapper_argv
+from app.runners.output import Echo, LineSplitter, Pump, read_last_lines
+from app.runners.spare import PipeSpare, is_spare_of
 
 log = logging.getLogger("gpusched")
 
-#: Where the output lines of the jobs go, prefixed with the job id; called one line at a time.
-Echo = Callable[[str], None]
-
-#: A line without a newline is echoed once it reaches this size (bounded memory).
-_MAX_LINE = 64 * 1024
-_READ_SIZE = 64 * 1024
+__all__ = ["DirectRunner", "Echo", "LineSplitter", "kill_orphan", "stdout_echo", "tail_argv"]
 
 
 def stdout_echo(line: str) -> None:
@@ -71,95 +68,6 @@ def tail_argv(log_path: Path) -> list[str]:
 def exit_status(returncode: int) -> int:
     """Popen's returncode in shell style: killed by signal N -> 128 + N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _console_text(line: bytes) -> str:
-    line = line.removesuffix(b"\r")
-    # A terminal would show only what was drawn after the last carriage return.
-    return line.rsplit(b"\r", 1)[-1].decode("utf-8", errors="replace")
-
-
-class LineSplitter:
-    """Bytes in, complete console lines out; never fails on invalid UTF-8."""
-
-    def __init__(self, max_line: int = _MAX_LINE) -> None:
-        self._pending = b""
-        self._max_line = max_line
-
-    def feed(self, data: bytes) -> list[str]:
-        *lines, rest = (self._pending + data).split(b"\n")
-        # Keep only the last redraw of a pending progress bar (a final `\r` may be the
-        # first half of a `\r\n` split between two reads, so it stays).
-        cut = rest.rfind(b"\r", 0, len(rest) - 1)
-        self._pending = rest[cut + 1 :] if cut >= 0 else rest
-        if len(self._pending) >= self._max_line:
-            lines.append(self._pending)
-            self._pending = b""
-        return [_console_text(line) for line in lines]
-
-    def close(self) -> list[str]:
-        """The partial last line (output that did not end with a newline), if any."""
-        rest, self._pending = self._pending, b""
-        return [_console_text(rest)] if rest.strip(b"\r") else []
-
-
-class _Pump:
-    """Copies one child's output to its log and, line by line, to the console sink."""
-
-    def __init__(
-        self,
-        job_id: int,
-        stream: IO[bytes],
-        log_file: IO[bytes],
-        echo: Echo | None,
-        echo_lock: threading.Lock,
-    ) -> None:
-        self.prefix = f"[job {job_id}] "
-        self.stream = stream
-        self.log_file: IO[bytes] | None = log_file
-        self.echo = echo
-        self.echo_lock = echo_lock
-
-    def run(self) -> None:
-        splitter = LineSplitter()
-        try:
-            while chunk := self.stream.read(_READ_SIZE):
-                self._write_log(chunk)
-                self._echo(splitter.feed(chunk))
-            self._echo(splitter.close())
-        except (OSError, ValueError) as e:  # the pipe closed under us (close() at exit)
-            log.debug("%sstopped reading output: %s", self.prefix, e)
-        finally:
-            with contextlib.suppress(OSError):
-                self.stream.close()
-            if self.log_file is not None:
-                with contextlib.suppress(OSError):
-                    self.log_file.close()
-
-    def _write_log(self, chunk: bytes) -> None:
-        if self.log_file is None:
-            return
-        try:
-            self.log_file.write(chunk)
-            self.log_file.flush()
-        except OSError:
-            # Keep draining the pipe (a full pipe would block the job); the log is gone.
-            log.exception("%scannot write log; output is no longer logged", self.prefix)
-            with contextlib.suppress(OSError):
-                self.log_file.close()
-            self.log_file = None
-
-    def _echo(self, lines: list[str]) -> None:
-        if self.echo is None or not lines:
-            return
-        with self.echo_lock:  # whole lines, one sink call at a time, even across jobs
-            for line in lines:
-                try:
-                    self.echo(self.prefix + line)
-                except Exception:
-                    log.exception("%sconsole echo failed; echo disabled for this job", self.prefix)
-                    self.echo = None
-                    return
 
 
 @dataclass
@@ -209,10 +117,19 @@ def terminate_trees(roots: list[int], grace_s: float) -> None:
         time.sleep(0.05)
 
 
-def _close_all(children: dict[str, _Child], lock: threading.Lock, grace_s: float) -> list[str]:
+def _retire(spares: list[PipeSpare]) -> None:
+    while spares:
+        spares.pop().retire()
+
+
+def _close_all(
+    children: dict[str, _Child], lock: threading.Lock, grace_s: float, spares: list[PipeSpare]
+) -> list[str]:
     with lock:
         items = list(children.items())
         children.clear()
+        idle, spares[:] = list(spares), []
+    _retire(idle)
     live = [(name, c) for name, c in items if c.proc.poll() is None]
     if live:
         log.info("stopping %d direct job(s): %s", len(live), ", ".join(n for n, _ in live))
@@ -223,12 +140,21 @@ def _close_all(children: dict[str, _Child], lock: threading.Lock, grace_s: float
     return [name for name, _ in live]
 
 
+def _spare_token(spec_file: Path) -> object:
+    """The token of the spare wrapper that ran this spec, if one did."""
+    try:
+        return json.loads(spec_file.read_text(encoding="utf-8")).get("spare")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def kill_orphan(pid: int, spec_file: Path, grace_s: float = 5.0) -> bool:
     """Kill the tree of a direct job's wrapper that this process does not own.
 
     For a job left by an earlier scheduler, or killed from another process (the CLI):
     `pid` is the wrapper's (Launched.pid, stored with the job). It is only killed if its
-    command line is still the wrapper of `spec_file`, so a reused pid is never signalled.
+    command line is still the wrapper of `spec_file`, or the spare wrapper whose token the
+    spec names (runners/spare.py), so a reused pid is never signalled.
     Returns whether a wrapper was found and killed.
     """
     try:
@@ -236,8 +162,10 @@ def kill_orphan(pid: int, spec_file: Path, grace_s: float = 5.0) -> bool:
     except OSError:
         return False
     expected = [os.fsencode(WRAPPER), os.fsencode(spec_file)]
+    if argv[-2:] != expected and not is_spare_of(argv, _spare_token(spec_file)):
+        return False
     info = proctree.read_proc(pid)
-    if argv[-2:] != expected or info is None or not _alive(info):
+    if info is None or not _alive(info):
         return False
     proctree.kill_tree(pid, grace_s=grace_s)
     return True
@@ -258,8 +186,14 @@ class DirectRunner:
         self._echo_lock = threading.Lock()
         self._children: dict[str, _Child] = {}
         self._launching: set[str] = set()
+        self._spares: list[PipeSpare] = []  # wrappers waiting for the next jobs (SPARES)
+        self._closed = False
+        self._in_pass = False
+        self._chores_since: float | None = None  # a spare to start, since
         # At interpreter exit, children still running are stopped (see the module's doc).
-        self._finalizer = weakref.finalize(self, _close_all, self._children, self._lock, grace_s)
+        self._finalizer = weakref.finalize(
+            self, _close_all, self._children, self._lock, grace_s, self._spares
+        )
 
     def launch(self, req: LaunchRequest) -> Launched:
         name = req.session
@@ -283,35 +217,85 @@ class DirectRunner:
         return Launched(session=name, pid=child.proc.pid)
 
     def _start(self, req: LaunchRequest) -> _Child:
+        with self._lock:
+            spare = self._spares.pop(0) if self._spares else None  # the oldest: likely ready
         try:
-            prepare_launch(req)
+            prepare_launch(req, spare=spare.token if spare is not None else None)
             log_file = req.log_path.open("ab")
         except OSError as e:
+            if spare is not None:
+                spare.retire()
             raise LaunchError(f"cannot prepare {req.session}: {e}") from e
-        try:
-            # The wrapper's own environment is the job's: the wrapper then applies the
-            # spec's unchanged (its "pane variables" have the spec's values).
-            proc = subprocess.Popen(
-                wrapper_argv(req.spec_file),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=req.env,
-                start_new_session=True,
-                bufsize=0,
-            )
-        except OSError as e:
-            log_file.close()
-            raise LaunchError(f"cannot start {req.session}: {e}") from e
+        proc = spare.proc if spare is not None and spare.hand_over(req.spec_file) else None
+        if proc is None:
+            if spare is not None:
+                spare.retire()
+            try:
+                # The wrapper's own environment is the job's: the wrapper then applies the
+                # spec's unchanged (its "pane variables" have the spec's values).
+                proc = subprocess.Popen(
+                    wrapper_argv(req.spec_file),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=req.env,
+                    start_new_session=True,
+                    bufsize=0,
+                )
+            except OSError as e:
+                log_file.close()
+                raise LaunchError(f"cannot start {req.session}: {e}") from e
         assert proc.stdout is not None
-        pump = _Pump(req.job_id, proc.stdout, log_file, self.echo, self._echo_lock)
+        pump = Pump(req.job_id, proc.stdout, log_file, self.echo, self._echo_lock)
         threads = (
             threading.Thread(target=pump.run, name=f"{req.session}-output", daemon=True),
             threading.Thread(target=proc.wait, name=f"{req.session}-wait", daemon=True),
         )
         for thread in threads:
             thread.start()
+        if self._in_pass:  # later, when the job has started (see TmuxRunner.do_chores)
+            self._chores_since = self._chores_since or time.monotonic()
+        else:
+            self._fill_spares()  # for the next launches
         return _Child(req.job_id, proc, req.log_path, threads)
+
+    # ---- scheduler passes (as TmuxRunner's) -----------------------------------------------
+
+    def begin_pass(self) -> None:
+        self._in_pass = True
+
+    def end_pass(self) -> None:
+        self._in_pass = False
+
+    def chores_since(self) -> float | None:
+        return self._chores_since
+
+    def do_chores(self, spare: bool = True) -> None:
+        self._chores_since = None
+        if spare:
+            self._fill_spares()
+
+    def _fill_spares(self) -> None:
+        """Start wrappers that wait on their stdin for the next jobs, up to SPARES."""
+        while self._prepare_spare():
+            pass
+
+    def _prepare_spare(self) -> bool:
+        """Start one spare (runners/spare.py); False when there are enough or it failed."""
+        with self._lock:
+            if len(self._spares) >= SPARES:
+                return False
+        try:
+            spare = PipeSpare()
+        except OSError as e:
+            log.debug("no spare wrapper: %s", e)
+            return False
+        with self._lock:
+            if not self._closed:
+                self._spares.append(spare)
+                return True
+        spare.retire()
+        return False
 
     def sessions(self) -> dict[str, SessionState]:
         """The children this instance started and has not removed; dead ones included."""
@@ -348,7 +332,10 @@ class DirectRunner:
 
         Returns the sessions that were still running. Also runs at interpreter exit.
         """
-        return _close_all(self._children, self._lock, self.grace_s if grace_s is None else grace_s)
+        with self._lock:
+            self._closed = True
+        grace = self.grace_s if grace_s is None else grace_s
+        return _close_all(self._children, self._lock, grace, self._spares)
 
     def log_path(self, session: str) -> Path | None:
         child = self._child(session)
@@ -368,25 +355,3 @@ class DirectRunner:
         """The log's last `lines` lines as a terminal would show them; [] if unknown."""
         path = self.log_path(session)
         return [] if path is None or lines <= 0 else read_last_lines(path, lines)
-
-
-def read_last_lines(path: Path, lines: int) -> list[str]:
-    """The last `lines` lines of a file (trailing blank lines dropped); [] if unreadable."""
-    try:
-        with path.open("rb") as f:
-            end = f.seek(0, os.SEEK_END)
-            size = min(end, 4096)
-            while True:
-                f.seek(end - size)
-                data = f.read(size)
-                if size >= end or data.count(b"\n") > lines + 1:
-                    break
-                size = min(end, size * 4)
-    except OSError:
-        return []
-    out = [_console_text(line) for line in data.split(b"\n")]
-    if size < end:
-        out = out[1:]  # the first line is probably cut
-    while out and not out[-1].strip():
-        out.pop()
-    return out[-lines:]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from app import proctree
 from app.launch import LaunchRequest
+from app.paths import file_size
 from app.runners.base import SESSION_PREFIX, Launched, LaunchError, RunnerError, SessionState
 from app.runners.common import WRAPPER, prepare_launch, wrapper_argv
 
@@ -264,7 +265,7 @@ class ScreenRunner:
                 f"screen socket directory {sockdir} is too long for session {name}: "
                 f"SCREENDIR/PID.NAME must fit in {SOCKET_PATH_MAX} bytes"
             )
-        log_existed = req.log_path.exists()
+        log_size = file_size(req.log_path)  # prepare_launch creates it (0600) when missing
         prepare_launch(req)
         fd, rc = tempfile.mkstemp(dir=req.spec_file.parent, prefix=f".{name}.", suffix=".screenrc")
         try:
@@ -283,13 +284,13 @@ class ScreenRunner:
                     f"screen could not start {name}: "
                     f"{err[-1] if err else f'exit status {res.returncode}'}"
                 )
-            pid = self._wait_started(req, log_existed)
+            pid = self._wait_started(req, log_size)
         finally:
             # Read by the server before it creates the window, which _wait_started saw.
             Path(rc).unlink(missing_ok=True)
         return Launched(session=name, pid=pid)
 
-    def _wait_started(self, req: LaunchRequest, log_existed: bool) -> int | None:
+    def _wait_started(self, req: LaunchRequest, log_size: int) -> int | None:
         """The wrapper's pid once it runs; None if the job already ended (so fast it was
         never seen running). LaunchError if screen did not create the session."""
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -300,8 +301,8 @@ class ScreenRunner:
                     return pid
             if req.exit_file.exists():
                 return None
-            # Screen creates the log with the window: it ran, and its session already ended.
-            if not live and not log_existed and req.log_path.exists():
+            # Screen writes the log as the window runs: it ran, and its session already ended.
+            if not live and file_size(req.log_path) > log_size:
                 return None
             if time.monotonic() >= deadline:
                 break
