@@ -711,7 +711,7 @@ class Bench:
         back = self.rows("queue")
 
         def cleared(screen: Any) -> bool:
-            return not box.display and back(screen)
+            return not box.has_focus and box.value == "" and back(screen)
 
         for i in range(rounds):
             word = FILTER_WORDS[i % len(FILTER_WORDS)]

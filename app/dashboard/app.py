@@ -49,8 +49,10 @@ class DashboardApp(JobActions):
     CSS = """
     #header { height: auto; padding: 0 1; background: $panel; }
     #gpus { height: auto; max-height: 10; }
-    #filter { display: none; }
-    #filter.shown { display: block; }
+    /* The filter box is always laid out, on the line under the table: `/` and `Esc` only move
+       the focus, so they need no layout pass (showing a hidden box would repaint everything). */
+    #status-line { height: 1; }
+    #filter { width: 48; height: 1; }
     #switcher { height: 3fr; }
     /* A fixed height and a scrollbar that is always there: a new row count (a tab switch,
        a filter key) then needs no layout pass, which would repaint the whole screen. */
@@ -58,7 +60,7 @@ class DashboardApp(JobActions):
     /* A scrollbar appearing would narrow the table and force a second full repaint. */
     JobTable { scrollbar-gutter: stable; }
     #errors { padding: 0 1; }
-    #shown { height: 1; padding: 0 1; color: $text-muted; }
+    #shown { width: 1fr; height: 1; padding: 0 1; color: $text-muted; }
     #bottom { height: 2fr; min-height: 8; }
     #detail { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
     #log { width: 1fr; height: 100%; border: round $primary; padding: 0 1; }
@@ -114,12 +116,14 @@ class DashboardApp(JobActions):
         yield GpuTable(id="gpus")
         yield Tabs(*(Tab(label, id=view) for view, (label, _) in VIEWS.items()),
                    Tab("Errors", id="errors-tab"))  # fmt: skip
-        yield FilterBox(placeholder="filter jobs: id, script, env, arguments, reason", id="filter")
         with ContentSwitcher(initial="jobs", id="switcher"):
             yield JobTable(id="jobs")
             with VerticalScroll(id="errors"):
                 yield ErrorList(id="errors-list")
-        yield Static(id="shown")
+        with Horizontal(id="status-line"):
+            yield Static(id="shown")
+            yield FilterBox(placeholder="/ filter: id, script, env, args, reason", id="filter",
+                            compact=True)  # fmt: skip
         with Horizontal(id="bottom"):
             yield DetailPane(id="detail")
             yield LogPane(id="log")
@@ -322,7 +326,6 @@ class DashboardApp(JobActions):
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
-        box.add_class("shown")
         box.focus()
 
     def _filter_typed(self, value: str) -> None:
@@ -339,7 +342,6 @@ class DashboardApp(JobActions):
     def action_clear_filter(self) -> None:
         box = self.query_one("#filter", Input)
         box.value = ""
-        box.remove_class("shown")
         self.filter_text = ""
         self.query_one(JobTable).focus()
         self._show_jobs()

@@ -52,11 +52,12 @@ class GpuTable(RowTable):
 
 
 class FilterBox(Input):
-    """The `/` filter. Its size comes from CSS, so typing needs no layout pass.
+    """The `/` filter, always on the line under the jobs table. Its size comes from CSS, so
+    typing needs no layout pass.
 
     Input sets its virtual size on every new value, which asks the screen for a layout pass:
     a repaint of every widget on every key. Here that request is dropped (the size it would
-    change is fixed); showing and hiding the box still lays the screen out."""
+    change is fixed)."""
 
     _typing = False
 
