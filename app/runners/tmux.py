@@ -258,7 +258,8 @@ class TmuxRunner:
         res = self._cmd("list-panes", "-a", "-F", fmt)
         if res.returncode != 0:
             err = " ".join(res.stderr)
-            if any(s in err.lower() for s in _NO_SERVER):
+            # "no current target": a server whose last session just ended (it is exiting).
+            if any(s in err.lower() for s in (*_NO_SERVER, "no current target")):
                 return {}, None, False
             raise RunnerError(f"tmux list-panes failed: {err}")
         found: dict[str, tuple[bool, SessionState]] = {}
