@@ -52,13 +52,15 @@ alone (`min_free_mem_mb`, `max_workers`) only make jobs wait.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Sequence
+from itertools import repeat
 from operator import attrgetter
 
+from app.allocator_ledger import Ledger
 from app.allocator_rules import (
-    GpuState,
     Need,
-    gpu_problem,
     group,
     ids,
     never_fits,
@@ -80,6 +82,10 @@ from app.models import (
 #: answer (a job's own ramp-up changes what it reserves once placed, not whether it fits).
 _ClassKey = tuple[float, int | None, int | None, tuple[int, ...] | None]
 _Issue = tuple[int, str]
+#: The order jobs are considered in: priority, then first come first served.
+QUEUE_ORDER = attrgetter("priority", "seq", "id")
+#: (amount, declared vram, declared ram, allowed GPUs as written)
+_RawKey = tuple[float, int | None, int | None, tuple[int, ...] | None]
 
 
 def allocate(
@@ -91,8 +97,12 @@ def allocate(
     now: float,
     probe_error: str = "",
     host: HostSnapshot | None = None,
+    ordered: bool = False,
 ) -> AllocationResult:
-    """Place what fits now; every other queued job gets a reason or is unschedulable."""
+    """Place what fits now; every other queued job gets a reason or is unschedulable.
+
+    `ordered`: the caller keeps `queue` sorted by (priority, seq, id) already (the daemon's
+    pending queue is sorted once when it changes, not on every pass)."""
     result = AllocationResult()
     if gpus is None:
         # Without a probe we cannot tell free from busy, and a wrong guess would oversubscribe.
@@ -100,150 +110,15 @@ def allocate(
         for job in queue:
             result.reasons[job.id] = reason
         return result
-    ledger = _Ledger(gpus, running, frozenset(paused), policy, now, host)
-    _Pass(ledger, result).run(sorted(queue, key=attrgetter("priority", "seq", "id")))
+    ledger = Ledger(gpus, running, frozenset(paused), policy, now, host)
+    _Pass(ledger, result).run(list(queue) if ordered else sorted(queue, key=QUEUE_ORDER))
     return result
-
-
-class _Ledger:
-    """GPUs, host RAM, pauses and holds, updated as the call places jobs."""
-
-    def __init__(
-        self,
-        gpus: Sequence[GpuSnapshot],
-        running: Sequence[RunningJob],
-        paused: frozenset[int],
-        policy: Policy,
-        now: float,
-        host: HostSnapshot | None,
-    ) -> None:
-        self.gpus = {g.index: GpuState(g) for g in sorted(gpus, key=lambda g: g.index)}
-        self.ids = tuple(self.gpus)
-        self.paused = paused
-        self.policy = policy
-        self.mode = policy.mode
-        self.now = now
-        self.host = host
-        self.held: dict[int, str] = {}  # GPU -> "job N (waiting Ns)"
-        self.version = 0  # bumped on every change, so cached answers know when they are stale
-        self.changed = dict.fromkeys(self.ids, 0)  # GPU -> version of its last change
-        self.ram_changed = 0  # version of the last change to reserved RAM
-        self.workers = len({job.id for job in running})
-        self.ram_reserved = 0.0  # declared RAM of ramping jobs
-        self._allowed: dict[tuple[int, ...] | None, tuple[int, ...]] = {}
-        self._holds: dict[tuple[tuple[int, ...], int], int] = {}  # (cands, n) -> version seen
-        self._problems: dict[tuple[tuple[float, int, int | None], int], tuple[int, str | None]] = {}
-        for job in running:
-            ramp = job.ramp_up_s if job.ramp_up_s is not None else policy.ramp_up_s
-            ramping = now - job.started_at < ramp
-            if ramping and job.ram_mb is not None:
-                self.ram_reserved += job.ram_mb
-            for g in set(job.gpus):
-                if g in self.gpus:
-                    self.gpus[g].add(job.share, job.vram_mb, ramping)
-
-    def place(
-        self, gpus: tuple[int, ...], need: Need, share: float, ramp_up_s: float | None
-    ) -> None:
-        ramp = ramp_up_s if ramp_up_s is not None else self.policy.ramp_up_s
-        # Placed now, so it counts as ramping unless it has no ramp-up at all; in detected mode
-        # nothing else stops the next job from landing on the same memory, so it always counts.
-        ramping = ramp > 0 or self.mode == "detected"
-        self.version += 1
-        for g in gpus:
-            self.gpus[g].add(share, need.vram_mb, ramping)
-            self.changed[g] = self.version
-        if need.ram_mb is not None:
-            self.ram_reserved += need.ram_mb
-            self.ram_changed = self.version
-        self.workers += 1
-
-    def unchanged(self, cands: tuple[int, ...], since: int) -> bool:
-        """Whether none of cands changed (placement or hold) after version `since`."""
-        if since == self.version:
-            return True
-        changed = self.changed
-        return all(changed[g] <= since for g in cands)
-
-    def allowed(self, allowed_key: tuple[int, ...] | None) -> tuple[int, ...]:
-        """Existing GPUs a job may use, ascending."""
-        found = self._allowed.get(allowed_key)
-        if found is None:
-            keep = set(self.ids) if allowed_key is None else set(allowed_key)
-            found = self._allowed[allowed_key] = tuple(g for g in self.ids if g in keep)
-        return found
-
-    def problem(self, g: int, need: Need) -> str | None:
-        """Why GPU g cannot take (one GPU's worth of) need now, or None if it can."""
-        if g in self.paused:
-            return "paused"
-        if g in self.held:
-            return f"held for {self.held[g]}"
-        return gpu_problem(self.gpus[g], need, self.policy)
-
-    def check(self, need: Need, cands: tuple[int, ...]) -> tuple[list[int], list[_Issue]]:
-        ok: list[int] = []
-        issues: list[_Issue] = []
-        # A GPU's answer depends on its own state and the need alone (not on the allowed GPUs or
-        # RAM), so it is shared by classes and kept until that GPU changes.
-        sig, changed, known = (need.share, need.count, need.vram_mb), self.changed, self._problems
-        for g in cands:
-            hit = known.get((sig, g))
-            if hit is not None and hit[0] >= changed[g]:
-                why = hit[1]
-            else:
-                why = self.problem(g, need)
-                known[(sig, g)] = (self.version, why)
-            if why is None:
-                ok.append(g)
-            else:
-                issues.append((g, why))
-        return ok, issues
-
-    def choose(self, ok: list[int], need: Need) -> tuple[int, ...] | None:
-        n = need.count
-        if n > 1:
-            return tuple(ok[:n]) if len(ok) >= n else None
-        if not ok:
-            return None
-        placement = self.policy.placement
-        if placement == "first-fit":
-            return (ok[0],)  # ok is in ascending GPU order
-        # Best fit keeps empty GPUs free for multi-GPU jobs; spread balances load instead.
-        sign = -1.0 if placement == "pack" else 1.0
-        mode = self.mode
-        return (min(ok, key=lambda g: (sign * round(self.gpus[g].fill(mode), 9), g)),)
-
-    def hold(self, job: QueuedJob, cands: tuple[int, ...]) -> tuple[int, ...]:
-        """Hold the GPUs a starving job will use once they free up; returns the newly held ones."""
-        n = job.requirement.gpu_count
-        # The same GPUs in the same state pick the same ones again, all already held: skip.
-        seen = self._holds.get((cands, n))
-        if seen is not None and self.unchanged(cands, seen):
-            return ()
-        free = [g for g in cands if g not in self.paused]
-        if len(free) < n:
-            return ()  # it needs a paused GPU back first: holding the rest would only idle them
-        # Least used = first to drain (and, for one GPU, the most free share).
-        mode = self.mode
-        chosen = sorted(free, key=lambda g: (round(self.gpus[g].fill(mode), 9), g))[:n]
-        label = f"job {job.id} (waiting {self.now - job.waiting_since:.0f}s)"
-        # A GPU already held for an earlier starving job stays theirs: it frees for them first.
-        new = tuple(sorted(g for g in chosen if g not in self.held))
-        for g in new:
-            self.held[g] = label
-        if new:
-            self.version += 1
-            for g in new:
-                self.changed[g] = self.version
-        self._holds[(cands, n)] = self.version
-        return new
 
 
 class _Pass:
     """One walk over the sorted queue, with per-class caches so 10,000 jobs stay cheap."""
 
-    def __init__(self, ledger: _Ledger, result: AllocationResult) -> None:
+    def __init__(self, ledger: Ledger, result: AllocationResult) -> None:
         self.ledger = ledger
         self.result = result
         #: (amount, vram, ram, allowed GPUs as written) -> its class, worked out once
@@ -260,11 +135,41 @@ class _Pass:
         self.workers_reason = f"max workers ({self.max_workers}) running"
 
     def run(self, jobs: list[QueuedJob]) -> None:
-        done: set[int] = set()
-        for job in jobs:
-            if job.id not in done:  # a duplicated id is placed or explained once
-                done.add(job.id)
-                self.visit(job)
+        """Answer every job as visiting them one by one in order would, visiting few.
+
+        Between two changes to the ledger a job's answer is its class's cached one, so only
+        the jobs that may change something are visited: the first of each class, the first
+        after a change to its class's GPUs (or RAM), and starving jobs (they may hold GPUs).
+        The jobs in between get their class's answer in bulk: with 10,000 waiting jobs of a
+        few classes, a pass visits a few dozen.
+        """
+        ids = [job.id for job in jobs]
+        if len(set(ids)) != len(ids):  # a duplicated id is answered once, at its first place
+            first: dict[int, QueuedJob] = {}
+            for job in jobs:
+                first.setdefault(job.id, job)
+            jobs = list(first.values())
+            ids = [job.id for job in jobs]
+        # (Comprehensions, not one loop: this is the part of a pass that is per job.)
+        index: dict[_RawKey, int] = {}
+        add = index.setdefault
+        classes = [
+            add((j.requirement.amount, j.requirement.vram_mb, j.requirement.ram_mb,
+                 j.allowed_gpus), len(index))
+            for j in jobs
+        ]  # fmt: skip
+        where: list[list[int]] = [[] for _ in index]  # class -> positions of its jobs
+        for pos, c in enumerate(classes):
+            where[c].append(pos)
+        # Jobs that must be visited: the first of each class, and the starving ones.
+        now, starvation_s = self.ledger.now, self.ledger.policy.starvation_s
+        events = [(positions[0], c) for c, positions in enumerate(where)]
+        events += [
+            (pos, classes[pos])
+            for pos, job in enumerate(jobs)
+            if now - job.waiting_since >= starvation_s
+        ]
+        _Walk(self, jobs, ids, where).run(index, events)
 
     def visit(self, job: QueuedJob) -> None:
         req, ledger = job.requirement, self.ledger
@@ -334,3 +239,107 @@ class _Pass:
         if not policy.backfill:
             self.blocked_by = job.id
         self.result.reasons[job.id] = reason
+
+
+class _Walk:
+    """`_Pass.run`'s bookkeeping: which jobs to visit next, and the answers of the others."""
+
+    def __init__(
+        self, walker: _Pass, jobs: list[QueuedJob], ids: list[int], where: list[list[int]]
+    ) -> None:
+        self.p = walker
+        self.jobs = jobs
+        self.ids = ids  # position -> job id
+        self.where = where  # class -> positions of its jobs, ascending
+        self.next = [0] * len(where)  # class -> index of its first job not answered yet
+        self.known: list[tuple[_ClassKey, Need, str | None, tuple[int, ...]]] = []
+        self.by_gpu: dict[int, list[int]] = {g: [] for g in walker.ledger.ids}
+        #: classes whose next job is queued in `events` to be visited: their answer may change
+        self.scheduled: set[int] = set()
+
+    def run(self, index: dict[_RawKey, int], events: list[tuple[int, int]]) -> None:
+        p, ledger = self.p, self.p.ledger
+        for raw, c in index.items():
+            known = p.classes.get(raw)
+            if known is None:
+                req = self.jobs[self.where[c][0]].requirement
+                known = p.classes[raw] = p.classify(req, raw[3])
+            self.known.append(known)
+            never = known[2]
+            if never is not None:  # answered for good, in bulk
+                p.result.unschedulable.update(
+                    zip(map(self.ids.__getitem__, self.where[c]), repeat(never))
+                )
+                self.next[c] = len(self.where[c])
+                continue
+            self.scheduled.add(c)
+            for g in known[3]:
+                self.by_gpu[g].append(c)
+        heapq.heapify(events)
+        while events:
+            pos, c = heapq.heappop(events)
+            where, first = self.where[c], self.next[c]
+            if first >= len(where) or pos < where[first]:
+                continue  # answered already
+            at = bisect.bisect_left(where, pos, first)
+            self.answer(c, at)  # its jobs before this one: the class's answer still held
+            version, ram = ledger.version, ledger.ram_changed
+            p.visit(self.jobs[pos])
+            self.next[c] = at + 1
+            self.scheduled.discard(c)
+            workers_full = p.max_workers is not None and ledger.workers >= p.max_workers
+            if workers_full or p.blocked_by is not None:
+                # Nothing starts after this: every later job gets the same answer.
+                self.settle(pos)
+                reason = p.workers_reason if workers_full else f"behind job {p.blocked_by}"
+                for other in range(len(self.where)):
+                    self.answer(other, len(self.where[other]), reason)
+                return
+            if ledger.version != version:
+                self.recheck(pos, version, ledger.ram_changed != ram, events)
+        self.settle(len(self.jobs))
+
+    def recheck(self, pos: int, version: int, ram: bool, events: list[tuple[int, int]]) -> None:
+        """After the job at `pos` changed the ledger: classes whose answer no longer holds get
+        their jobs up to `pos` answered, and their next job visited."""
+        changed = self.p.ledger.changed
+        if ram:  # a class waiting for RAM may fit now whatever its GPUs: check them all
+            affected: set[int] = set(range(len(self.where)))
+        else:
+            affected = {c for g, v in changed.items() if v > version for c in self.by_gpu[g]}
+        for c in sorted(affected):
+            where = self.where[c]
+            if c in self.scheduled or self.next[c] >= len(where) or self.holds(c):
+                continue
+            stop = bisect.bisect_right(where, pos, self.next[c])
+            self.answer(c, stop)
+            if stop < len(where):
+                heapq.heappush(events, (where[stop], c))
+                self.scheduled.add(c)
+
+    def holds(self, c: int) -> bool:
+        """Whether the class's cached answer still holds (the test `_Pass.visit` makes)."""
+        key, _, _, cands = self.known[c]
+        cached = self.p.waits.get(key)
+        if cached is None:
+            return False
+        _, gpus, at = cached
+        ledger = self.p.ledger
+        return ledger.unchanged(cands, at) and (gpus or ledger.ram_changed <= at)
+
+    def settle(self, pos: int) -> None:
+        """Classes not waiting to be visited: their jobs before `pos` get the cached answer."""
+        for c, where in enumerate(self.where):
+            if c not in self.scheduled and self.next[c] < len(where):
+                self.answer(c, bisect.bisect_left(where, pos, self.next[c]))
+
+    def answer(self, c: int, stop: int, reason: str | None = None) -> None:
+        """The class's jobs from its next up to `stop` get `reason` (default: its cached one)."""
+        start = self.next[c]
+        if stop <= start:
+            return
+        if reason is None:
+            reason = self.p.waits[self.known[c][0]][0]
+        job_ids = map(self.ids.__getitem__, self.where[c][start:stop])
+        self.p.result.reasons.update(zip(job_ids, repeat(reason)))
+        self.next[c] = stop

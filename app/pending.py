@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app import jobsfile
+from app.allocator import QUEUE_ORDER
 from app.models import Job, JobState, QueuedJob, Requirement, RequirementError
 from app.requirements import LlmConfig
 from app.store import Store
@@ -104,6 +105,7 @@ class PendingQueue:
             built.queue.append(entry.queued)
             built.jobs_by_id[job.id] = job
             built.requirement_of[job.id] = requirement
+        built.queue.sort(key=QUEUE_ORDER)  # here, once per change, not on every pass
         self._entries = entries
         self._last = built
         return built
