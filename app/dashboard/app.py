@@ -23,6 +23,7 @@ from textual.widgets import ContentSwitcher, Input, Static, Tab, Tabs
 from app.dashboard.actions import JobActions
 from app.dashboard.attach import attach_argv
 from app.dashboard.format import header_text
+from app.dashboard.heap import HeapKeeper
 from app.dashboard.joblist import VIEWS, JobList, Page, view_count
 from app.dashboard.keybar import KeyBar
 from app.dashboard.model import DashboardReader, Detail, Snapshot
@@ -98,6 +99,7 @@ class DashboardApp(JobActions):
         self.poll_interval = poll_interval
         self.reader = DashboardReader(paths, clock=clock)
         self.joblist = JobList()
+        self.heap = HeapKeeper()
         self.view = "queue"
         self.filter_text = ""
         self.snapshot: Snapshot | None = None
@@ -212,6 +214,7 @@ class DashboardApp(JobActions):
             or (job is not None and job.status == JobState.RUNNING)
         ):
             self.request_detail()
+        self.call_after_refresh(self.heap.after_poll)  # after the frame that shows the rows
         if self._poll_again:
             self._poll_again = False
             self.request_poll()
