@@ -7,6 +7,7 @@ parser differs. A jobs-file line names a script, whose header may declare requir
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -40,11 +41,19 @@ def command_parser(path: Path) -> Parser:
 
 def jobs_parser(path: Path, gpu_count: Callable[[], int | None]) -> Parser:
     """The jobs file: `priority,script_path,conda_env,arguments,allowed_gpus`."""
-    headers: dict[str, str] = {}  # per read: a file of 10,000 lines names few scripts
+    # Per read: a file of 100,000 lines names few scripts, so each is looked at once.
+    headers: dict[str, str] = {}
+    check_script = functools.lru_cache(maxsize=4096)(jobsfile.script_problem)
+    base_dir = path.parent
 
     def parse(text: str, number: int) -> JobSpec | LineError | None:
         parsed = jobsfile.parse_line(
-            text, file=path.name, line=number, base_dir=path.parent, gpu_count=gpu_count()
+            text,
+            file=path.name,
+            line=number,
+            base_dir=base_dir,
+            gpu_count=gpu_count(),
+            check_script=check_script,
         )
         if not isinstance(parsed, JobSpec):
             return parsed
@@ -121,11 +130,18 @@ def read_file(
     )
     for source, job_id, state in report.duplicates:
         log.info("%s: duplicate of job %d (%s), skipped", source, job_id, state)
-    for job_id in report.queued:
-        log.info("job %d queued", job_id)
-    for job_id in report.requeued:
-        log.info("job %d queued again", job_id)
+    _log_ids("queued", report.queued)
+    _log_ids("queued again", report.requeued)
     return report.queued + report.requeued
+
+
+def _log_ids(what: str, ids: list[int], each: int = 20) -> None:
+    """One log line per job for a few; one for the batch when a big file was read."""
+    if len(ids) <= each:
+        for job_id in ids:
+            log.info("job %d %s", job_id, what)
+    else:
+        log.info("%d jobs %s (ids %d-%d)", len(ids), what, min(ids), max(ids))
 
 
 def read_jobs(

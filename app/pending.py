@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app import jobsfile
-from app.allocator import QUEUE_ORDER
+from app.allocator_queue import PreparedQueue
 from app.models import Job, JobState, QueuedJob, Requirement, RequirementError
 from app.requirements import LlmConfig
 from app.store import Store
@@ -31,6 +31,8 @@ class Queue:
     changes: dict[int, dict[str, object]] = field(default_factory=dict)
     #: jobs whose requirement cannot be met by any configuration of GPUs, with the reason
     invalid: list[tuple[Job, str]] = field(default_factory=list)
+    #: `queue` sorted and grouped for the allocator, once per change (app/allocator_queue.py)
+    prepared: PreparedQueue = field(default_factory=lambda: PreparedQueue(()))
 
 
 @dataclass
@@ -77,7 +79,8 @@ class PendingQueue:
         changed = self._refresh()
         last = self._last
         if last is not None and not changed and config is self._config and now < self._expires:
-            return Queue(last.queue, last.jobs_by_id, last.requirement_of)  # already applied
+            # already applied: no changes, no invalid jobs
+            return Queue(last.queue, last.jobs_by_id, last.requirement_of, prepared=last.prepared)
         if config is not self._config:
             self._config = config
             self._entries.clear()
@@ -105,7 +108,8 @@ class PendingQueue:
             built.queue.append(entry.queued)
             built.jobs_by_id[job.id] = job
             built.requirement_of[job.id] = requirement
-        built.queue.sort(key=QUEUE_ORDER)  # here, once per change, not on every pass
+        built.prepared = PreparedQueue(built.queue)  # here, once per change, not every pass
+        built.queue = built.prepared.jobs
         self._entries = entries
         self._last = built
         return built

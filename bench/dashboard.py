@@ -207,8 +207,9 @@ JOB_COLUMNS = (
 
 def fill_state(root: Path, n: int, now: float) -> Fill:
     """A fresh state directory with `n` jobs, their events and the scheduler's metadata, written
-    in one transaction (the schema's triggers stamp the revisions)."""
+    in one transaction (`stamp_revisions` gives the rows their revisions)."""
     from app.paths import StatePaths
+    from app.schema import stamp_revisions
     from app.store import Store
 
     started = time.perf_counter()
@@ -234,6 +235,7 @@ def fill_state(root: Path, n: int, now: float) -> Fill:
         with store.tx() as db:
             marks = ",".join("?" * len(JOB_COLUMNS))
             db.executemany(f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({marks})", rows)
+            stamp_revisions(db)
             db.executemany(
                 "INSERT INTO job_events (job_id, at, status, detail) VALUES (?, ?, ?, ?)", events
             )

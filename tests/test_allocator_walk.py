@@ -1,7 +1,7 @@
 """The allocator visits few jobs of a long queue: its answers must be exactly those of visiting
 every job one by one, in every mode, with host RAM, worker limits, starvation and backfill.
 
-The one-by-one walk is built from the allocator's own `_Pass.visit`, so the property checks the
+The one-by-one walk is built from the allocator's own `Pass.visit`, so the property checks the
 bulk bookkeeping (which jobs must be visited, which share their class's cached answer) and
 nothing else.
 """
@@ -13,8 +13,9 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.allocator import _Pass, allocate
+from app.allocator import allocate
 from app.allocator_ledger import Ledger
+from app.allocator_pass import Pass
 from app.models import (
     AllocationResult,
     GpuSnapshot,
@@ -36,7 +37,7 @@ def one_by_one(
     host: HostSnapshot | None,
 ) -> AllocationResult:
     result = AllocationResult()
-    walker = _Pass(Ledger(gpus, running, frozenset(paused), policy, NOW, host), result)
+    walker = Pass(Ledger(gpus, running, frozenset(paused), policy, NOW, host), result)
     done: set[int] = set()
     for job in sorted(queue, key=lambda j: (j.priority, j.seq, j.id)):
         if job.id not in done:

@@ -34,6 +34,35 @@ def test_every_write_to_a_job_gets_a_new_revision(state_paths: StatePaths) -> No
     assert store.jobs_changed_since(5) == []
 
 
+def test_revisions_continue_across_the_insert_trigger_migration(state_paths: StatePaths) -> None:
+    """A database made before schema 005 (inserts stamped by a trigger) keeps its revisions,
+    and jobs ingested after the upgrade continue the sequence (one counter update a batch)."""
+    import sqlite3
+
+    from app.schema import MIGRATIONS
+
+    state_paths.db.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(state_paths.db, isolation_level=None)
+    db.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, at REAL)")
+    for name, migrate in MIGRATIONS:
+        if name.startswith("005"):
+            break
+        migrate(db)
+        db.execute("INSERT INTO migrations VALUES (?, 0)", (name,))
+    db.execute(
+        "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args, submitted_at,"
+        " queued_at) VALUES ('old', 'completed', 0, 1, '/w/a.py', '', '', 0, 0)"
+    )
+    db.close()
+    store = Store(state_paths.db)
+    assert store.max_rev() == 1 and store.job(1).rev == 1  # type: ignore[union-attr]
+    ingest(store, 3)
+    assert [j.rev for j in store.jobs_changed_since(1)] == [2, 3, 4]
+    assert store.max_rev() == 4
+    store.set_priority(3, 7)
+    assert store.job(3).rev == 5 and store.max_rev() == 5  # type: ignore[union-attr]
+
+
 def test_reader_returns_only_changed_jobs_and_gpu_views(state_paths: StatePaths) -> None:
     store = Store(state_paths.db)
     ingest(store, 5)

@@ -20,6 +20,7 @@ from textual.pilot import Pilot
 from app.dashboard.app import DashboardApp
 from app.dashboard.widgets import JobTable
 from app.paths import StatePaths
+from app.schema import stamp_revisions
 from app.store import Store
 
 NOW = 1_795_000_000.0  # 2026-11-18 11:06:40 UTC
@@ -93,6 +94,7 @@ def fill(paths: StatePaths) -> None:
                    "('jobs.txt', 8, 'priority ''high'' is not an integer', ?)",
                    (NOW,))  # fmt: skip
         db.execute("INSERT INTO paused_gpus VALUES (3, ?)", (NOW,))
+        stamp_revisions(db)
     store.set_meta({"gpus": json.dumps(GPUS), "gpus_at": str(NOW - 5), "backend": "nvml",
                     "jobs_file": "/home/ana/exp/jobs.txt"})  # fmt: skip
     store.close()

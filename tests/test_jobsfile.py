@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.jobsfile import (
+    _split,
     append_line,
     conda_env_problem,
     format_gpu_list,
@@ -19,7 +20,7 @@ from app.jobsfile import (
     parse_gpu_list,
     parse_line,
 )
-from app.models import JobSpec, LineError
+from app.models import JobSpec, LineError, shell_problem, shell_words
 
 
 @pytest.fixture
@@ -214,6 +215,36 @@ def test_parse_line_never_raises(scripts: Path, text: str) -> None:
 def test_parse_line_never_raises_on_csv_like_text(scripts: Path, parts: list[str]) -> None:
     result = parse(f"0,{scripts}/t.py," + "".join(parts), scripts)
     assert result is None or isinstance(result, JobSpec | LineError)
+
+
+# The fast paths (plain commas, blank-separated words) must give what csv and shlex give.
+line_text = st.text(st.sampled_from(list(" \t,ab\"'\\\r\n\0é#-")), max_size=24)
+
+
+@settings(max_examples=1000)
+@given(line_text)
+def test_split_fast_path_matches_csv(text: str) -> None:
+    import csv
+
+    if '"' not in text and not any(c in text for c in "\r\n\0"):
+        expected = next(csv.reader([text], strict=False), [])
+        assert _split(text) == [field.strip() for field in expected]
+
+
+@settings(max_examples=1000)
+@given(line_text)
+def test_shell_words_match_shlex(text: str) -> None:
+    try:
+        expected: list[str] | None = shlex.split(text)
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError):
+            shell_words(text)
+        assert shell_problem(text) is not None
+    else:
+        assert shell_words(text) == expected
+        assert shell_problem(text) is None
 
 
 CONDA_CHARS = string.ascii_letters + string.digits + "_.+-/~@,="
