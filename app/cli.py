@@ -6,15 +6,16 @@ import argparse
 import json
 import os
 import shlex
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app import __version__, control, jobsfile, sim_cli
+from app import __version__, control, dbguard, headers, jobsfile, sim_cli
 from app.cli_settings import effective_settings, settings_parent
 from app.config import effective_json, format_effective, load_settings
-from app.models import JobSpec, JobState
+from app.models import JobSpec, JobState, RequirementError
 from app.paths import StatePaths, state_paths
 from app.settings import SettingsError
 from app.store import Store
@@ -47,6 +48,13 @@ def _add_start_and_config(
         action="store_true",
         help="show the live dashboard in front of the scheduler (quitting asks whether to "
         "keep the scheduler running in the background)",
+    )
+    p.add_argument(
+        "--fresh-state",
+        action="store_true",
+        help="after a corrupt state database was moved aside: start with an empty one; the "
+        "lines already in the jobs and commands files are recorded as seen, not run "
+        "(ignored while the database is healthy; docs/reliability.md)",
     )
     p.set_defaults(handler=cmd_start)
 
@@ -99,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("--ramp-up", "seconds the job takes to allocate its memory (default: the scheduler's)"),
     ):
         p.add_argument(flag, type=float, help=f"{what}; written as --gpusched-{flag[2:]}")
+    p.add_argument("--time-limit", metavar="DURATION", help="kill the job after this long "
+                   "(90s, 30m, 2h, 1h30m); written as --gpusched-time-limit")  # fmt: skip
+    p.add_argument("--retries", metavar="N", help="queue the job again up to N times when it "
+                   "fails; written as --gpusched-retries")  # fmt: skip
     p.add_argument(
         "--output-file",
         type=Path,
@@ -183,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpusched: error: {exc}", file=sys.stderr)
         code: int = getattr(exc, "exit_code", 1)  # e.g. 2: refusing an untrusted file
         return code
+    except (dbguard.StorageError, sqlite3.DatabaseError, OSError) as exc:
+        error = dbguard.classify(exc, _db_path(args))  # corrupt, locked, full, read-only
+        if error is None:
+            raise
+        print(f"gpusched: error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         return 130
 
@@ -193,6 +211,13 @@ def _paths(args: argparse.Namespace) -> StatePaths:
     if state_dir is None:
         state_dir = load_settings(os.environ, {}).settings.state_dir
     return state_paths(state_dir)
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    try:
+        return _paths(args).db
+    except Exception:  # only for an error message
+        return Path("gpusched.db")
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -212,11 +237,13 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     settings = effective_settings(args).settings
     try:
+        if args.tui and args.fresh_state:
+            raise control.ActionError("--fresh-state: start once without --tui")
         if args.tui:
             from app.dashboard import run_with_scheduler
 
             return run_with_scheduler(settings, [a for a in args.argv if a != "--tui"])
-        return serve(settings)
+        return serve(settings, fresh_state=args.fresh_state)
     except NoGpuBackend as exc:
         print(f"gpusched: error: {exc}", file=sys.stderr)
         return 2
@@ -235,6 +262,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from app.dashboard import run_dashboard
 
+    _store(args).close()  # a storage fault (corrupt, locked...) is one line, not a broken app
     return run_dashboard(_paths(args))
 
 
@@ -251,6 +279,10 @@ def cmd_add(args: argparse.Namespace) -> int:
     for flag, value in (("vram", args.vram), ("ram", args.ram), ("ramp-up", args.ramp_up)):
         if value is not None:  # directives the scheduler reads and removes (app/headers.py)
             words.append(f"--gpusched-{flag} {value:g}")
+    try:
+        words += headers.run_directive_words(args.time_limit, args.retries)
+    except RequirementError as exc:
+        raise control.ActionError(str(exc)) from None
     if args.conda and (problem := jobsfile.conda_env_problem(args.conda)):
         raise control.ActionError(f"--conda: {problem}")
     spec = JobSpec(args.priority, str(script), args.conda, " ".join(words), allowed)

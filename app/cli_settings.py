@@ -154,6 +154,15 @@ def settings_parent() -> argparse.ArgumentParser:
     flag("--probe-timeout", type=float, help="bound on one GPU probe, s (5)")
     flag("--max-assign-attempts", type=int, help="launch attempts before failing a job (5)")
     flag("--assign-retry-wait", type=float, help="base back-off between launch attempts, s (5)")
+    # Time limits and retries (app/limits.py)
+    flag(
+        "--time-limit",
+        metavar="DURATION",
+        help="kill a job running longer, e.g. 90s, 30m, 2h, 1h30m, unless it sets its own; "
+        "none = no limit (none)",
+    )
+    flag("--retries", type=int, metavar="N", help="queue a failed job again up to N times (0)")
+    flag("--retry-wait", type=float, help="base wait before an automatic retry, doubling, s (30)")
     return parent
 
 

@@ -17,15 +17,9 @@ from pathlib import Path
 import yaml
 
 from app import trust
-from app.settings import (
-    CONVERTERS,
-    Settings,
-    SettingsError,
-    convert,
-    env_layer,
-    flag_layer,
-    merge,
-)
+from app.reprs import short_repr
+from app.settings import CONVERTERS, Settings, SettingsError, convert
+from app.settings_sources import env_layer, flag_layer, merge
 
 CONFIG_FILES = ("gpusched.toml", "gpusched.yaml", "gpusched.yml")
 """Looked for in the working directory when no --config is given."""
@@ -113,7 +107,7 @@ def read_config(path: Path) -> dict[str, tuple[object, str]]:
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         name = setting_for_key(key)
         if name is None:
-            raise ConfigError(f"{where}: unknown key {key!r}{_suggestion(key)}")
+            raise ConfigError(f"{where}: unknown key {short_repr(key)}{_suggestion(key)}")
         if name in spelled:
             raise ConfigError(
                 f"{where}: {key!r} sets {name} again (already set as {spelled[name]!r})"
@@ -137,7 +131,14 @@ def _parse_toml(text: str, path: Path) -> tuple[dict[str, object], dict[str, int
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line N, column M)"
+        if str(exc).endswith("(at end of document)"):  # ... or this: say which line that is
+            last = len(text.splitlines()) or 1
+            raise ConfigError(f"{path}:{last}: invalid TOML: {exc}") from None
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError:  # int() of more than 4300 digits
+        raise ConfigError(f"{path}: invalid TOML: a number has too many digits") from None
     return data, _toml_key_lines(text)
 
 
@@ -160,7 +161,13 @@ def _toml_key_lines(text: str) -> dict[str, int]:
 
 
 def _parse_yaml(text: str, path: Path) -> tuple[dict[str, object], dict[str, int]]:
-    loader = yaml.SafeLoader(text)
+    try:  # the reader checks every character already when the loader is made
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a control character such as NUL
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character
+        what = f"character #x{char:04x}" if isinstance(char, int) else "a character"
+        raise ConfigError(f"{path}:{line}: invalid YAML: {what} is not allowed") from None
     loader.name = str(path)  # marks in messages name the file, not "<unicode string>"
     try:
         node = loader.get_single_node()
@@ -171,6 +178,10 @@ def _parse_yaml(text: str, path: Path) -> tuple[dict[str, object], dict[str, int
         raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError:  # int() of more than 4300 digits
+        raise ConfigError(f"{path}: invalid YAML: a number has too many digits") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode | None):

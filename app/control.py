@@ -175,7 +175,7 @@ def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
     # dying session for a crash; the conditional transition loses cleanly to a job that
     # ended on its own meanwhile.
     if not store.transition(
-        job_id, JobState.KILLED, when=[job.status], now=now, detail=detail, ended_at=now
+        job_id, JobState.KILLED, when=[job.status], now=now, detail=detail, ended_at=now, reason=""
     ):
         raise ActionError(f"job {job_id} already ended ({get_job(store, job_id).status})")
     if job.status == JobState.RUNNING and (job.runner or "").startswith("direct:"):

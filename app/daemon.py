@@ -18,9 +18,11 @@ from pathlib import Path
 
 from app import intake, tailer, trust
 from app.allocator import allocate
+from app.dbguard import PassFaults
 from app.gpus import GpuProbe, ProbeError
 from app.gpus.host import host_snapshot
 from app.launch import build_launch
+from app.limits import RunLimits, with_oom_vram
 from app.models import (
     GpuSnapshot,
     Job,
@@ -76,6 +78,8 @@ class Daemon:
         self.gate = trust.Gate(settings.strict_modes)  # inputs others can change are not read
         self.llm = trust.GuardedLlmConfig(settings.llm_config.resolve(), self.gate)
         self.reaper = Reaper(store, paths, runner, runner_for, runner_id)
+        self.limits = RunLimits(settings, store, paths, runner, runner_id, runner_for)
+        self.reaper.on_failure = self.limits.after_failure  # retries, OOM requeues
         self.wake = threading.Event()
         self._jobs_dirty = True
         self._last_ingest = float("-inf")
@@ -84,9 +88,9 @@ class Daemon:
         self._gpu_count: int | None = None
         self._last_gpus_json = ""
         self._last_probe_error = ""
-        self._last_config_error = ""
+        self._last_config_error: str | None = None  # None: not reported yet in this run
         self._requirements = RequirementMemo()
-        self._pending = PendingQueue(store, self._requirement)
+        self._pending = PendingQueue(store, with_oom_vram(self._requirement))
         self._policy = settings.policy()
         #: files whose change means new jobs (spool: any event inside its inbox)
         self._input_paths = {str(self.jobs_file), str(self.commands_file)}
@@ -106,6 +110,7 @@ class Daemon:
             self._last_session_check = now
         with scheduler_pass(self.runner):  # what can wait for the launches waits (do_chores)
             report.ended = self.reaper.reap(now, check_sessions=check_sessions)
+            report.ended += self.limits.enforce(now)  # time limits: killed, GPUs free now
             if self.spool is not None:
                 self.spool.sync()  # scripts follow their jobs' states, whoever changed them
             config = self.llm.get()  # once per pass: it stats the file
@@ -153,9 +158,15 @@ class Daemon:
 
     def _requeue_unschedulable_on_change(self, gpus: list[GpuSnapshot] | None) -> None:
         """A new llm_config or a different GPU set may make unschedulable jobs placeable."""
-        if self.llm.error and self.llm.error != self._last_config_error:
-            log.error("%s (keeping the last good configuration)", self.llm.error)
-        self._last_config_error = self.llm.error or ""
+        error = self.llm.error or ""
+        if error != self._last_config_error:  # reported once per new error, and when fixed
+            if error:
+                log.error("%s (keeping the last good configuration)", error)
+                self.store.log_event("error", f"{error} (keeping the last good configuration)")
+            elif self._last_config_error:  # fixed
+                self.store.log_event("info", f"{self.llm.path} read again: in use")
+            self.store.set_meta({"config_error": error})
+        self._last_config_error = error
         if gpus is None:
             return
         generation = (self.llm.generation, len(gpus))
@@ -189,9 +200,9 @@ class Daemon:
         if not queue:
             self.store.update_pending(changes)
             return []
-        needs_ram = any(job.requirement.ram_mb is not None for job in queue)  # else unread
+        needs_ram = pending.prepared.needs_ram  # else the host's RAM is not read
         result = allocate(
-            queue,
+            pending.prepared,
             gpus,
             self._running_ledger(config),
             frozenset(self.store.paused()),
@@ -369,13 +380,17 @@ class Daemon:
         self.reaper.reconcile(time.time())
         if self.spool is not None:
             self.spool.recover(time.time())
+        faults = PassFaults(self.store.path)  # storage faults: logged once, retried
         with tailer.PathWatcher(self.watched_dirs(), self.on_path_event, self.quiet_dirs()):
             while not stop.is_set():
                 self.wake.clear()
                 try:
                     self.tick(time.time())
                     runner_chores(self.runner, self.wake)
-                except Exception:  # one bad pass must not stop the scheduler
-                    log.exception("scheduler pass failed; continuing")
-                self.wake.wait(self.settings.tick_interval)
+                    faults.ok(self.store)
+                except Exception as exc:  # one bad pass must not stop the scheduler
+                    self._jobs_dirty = True  # read the inputs again at the next pass
+                    faults.failed(exc)  # raises only for a corrupt database
+                self.wake.wait(self.limits.wait_for(self.settings.tick_interval))
         runner_chores(self.runner, None)
+        self.limits.close()  # jobs being stopped after their time limit: let them finish dying

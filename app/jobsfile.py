@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import functools
 import os
 import re
-import shlex
+from collections.abc import Callable
 from pathlib import Path
 
-from app.models import JobSpec, LineError
+from app.headers import run_directive_problem
+from app.models import JobSpec, LineError, shell_problem
 
 FIELDS = "priority,script_path,conda_env,arguments,allowed_gpus"
+#: Characters after which a line needs the csv module: quoting, line breaks, NUL.
+_CSV_SPECIAL = re.compile(r'["\r\n\0]')
 #: A GPU id above this is a typo, and refusing it keeps `0-99999999` from building a huge tuple.
 MAX_GPU_ID = 4095
 
@@ -39,6 +43,7 @@ _CONDA_PATH_CHARS = re.compile(r"[^A-Za-z0-9_.+/~@,=-]")
 _CONDA_MAX = 4095
 
 
+@functools.lru_cache(maxsize=256)
 def conda_env_problem(name: str) -> str | None:
     """Why `name` cannot be a conda_env field (a message for the user), or None if it can.
 
@@ -63,6 +68,7 @@ def conda_env_problem(name: str) -> str | None:
     return f"conda_env {shown!r} {why} (in {kind}: ASCII {allowed})"
 
 
+@functools.lru_cache(maxsize=1024)  # a file repeats a few GPU lists on many lines
 def parse_gpu_list(text: str) -> tuple[int, ...] | None:
     """`""` -> None (any GPU); `"0-3,6"` -> (0, 1, 2, 3, 6): sorted, unique.
 
@@ -97,6 +103,7 @@ def _gpu_id(text: str) -> int | None:
     return value if value <= MAX_GPU_ID else None
 
 
+@functools.lru_cache(maxsize=1024)
 def format_gpu_list(gpus: tuple[int, ...] | None) -> str:
     """The compact form, e.g. `0-3,6`; None (and the empty tuple) -> `""`, which means any GPU."""
     if not gpus:
@@ -156,6 +163,8 @@ def _quoted_fields(text: str) -> list[bool]:
 
 def _split(text: str) -> list[str]:
     """csv-split one line; raises csv.Error on input the csv module refuses."""
+    if text and not _CSV_SPECIAL.search(text):  # no quoting, no line breaks or NUL: plain commas
+        return [field.strip() for field in text.split(",")]
     row = next(csv.reader([text], strict=False), [])
     quoted = _quoted_fields(text)
     if len(quoted) != len(row):
@@ -167,12 +176,34 @@ def _split(text: str) -> list[str]:
     ]
 
 
+@functools.lru_cache(maxsize=1024)
+def _absolute(base_dir: str, script_text: str) -> str:
+    # (os.path, not pathlib, and a memo: this runs once per line of a file that may have
+    # 100,000, which name a few scripts.)
+    expanded = os.path.expanduser(script_text)  # noqa: PTH111
+    return os.path.abspath(os.path.join(base_dir, expanded))  # noqa: PTH100, PTH118
+
+
+def script_problem(script: str) -> str | None:
+    """Why `script` (an absolute path) cannot be run: "not found" or "is not a file"; or None."""
+    if os.path.isfile(script):  # noqa: PTH113 (str paths: see parse_line)
+        return None
+    return "is not a file" if os.path.exists(script) else "not found"  # noqa: PTH110
+
+
 def parse_line(
-    text: str, *, file: str, line: int, base_dir: Path, gpu_count: int | None
+    text: str,
+    *,
+    file: str,
+    line: int,
+    base_dir: Path,
+    gpu_count: int | None,
+    check_script: Callable[[str], str | None] = script_problem,
 ) -> JobSpec | LineError | None:
     """One jobs-file line -> JobSpec, LineError (a reason for the user) or None (blank/comment).
 
     Never raises: a bad line must not stop the daemon from reading the rest of the file.
+    `check_script` may be a memo of `script_problem` for a batch of lines (one stat per script).
     """
     text = text.rstrip("\r\n").removeprefix("\ufeff")  # a BOM from Windows editors on line 1
     if not text.strip() or text.lstrip().startswith("#"):
@@ -198,21 +229,21 @@ def parse_line(
         return error("empty script path (the second field must name the script to run)")
     # Absolute and normalised like os.path.abspath, but symlinks are kept: the user's path
     # (e.g. a "current" link to a checkout) is what the job should run.
-    script_path = Path(os.path.normpath(base_dir.absolute() / Path(script_text).expanduser()))
-    script = str(script_path)
-    if not script_path.is_file():
-        what = "is not a file" if script_path.exists() else "not found"
+    script = _absolute(os.fspath(base_dir), script_text)
+    what = check_script(script)
+    if what is not None:
         return error(f"script {script} {what}")
 
     conda_problem = conda_env_problem(conda_env)
     if conda_problem is not None:
         return error(conda_problem)
 
-    try:
-        shlex.split(args)
-    except ValueError as exc:
-        problem = "unbalanced quotes" if "quotation" in str(exc) else "trailing backslash"
-        return error(f"arguments: {problem} ({exc})")
+    args_problem = shell_problem(args)
+    if args_problem is not None:
+        return error(f"arguments: {args_problem}")
+    directive_problem = run_directive_problem(args)  # --gpusched-time-limit / -retries
+    if directive_problem is not None:
+        return error(f"arguments: {directive_problem}")
 
     try:
         allowed = parse_gpu_list(",".join(fields[4:]))

@@ -13,17 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.models import Job, JobState
 from app.paths import StatePaths
-from app.runners import Runner, SessionState
+from app.runners import Runner, RunnerError, SessionState
 from app.runners.direct import kill_orphan
 from app.store import Store
 
 log = logging.getLogger("gpusched")
+
+#: A job's session name (app/launch.py `session_name`): `gpujob_<id>_<gpus>_<script>`.
+_JOB_SESSION = re.compile(r"gpujob_(\d+)_")
+_NOT_ENDED = (JobState.PENDING, JobState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,14 @@ class Reaper:
         self.runner = runner
         self.runner_id = runner_id
         self.runner_for = runner_for
+        #: decides what a non-zero exit becomes (app/limits.py: retried, requeued or failed)
+        #: and records it; None: it recorded nothing (the job ended otherwise meanwhile)
+        self.on_failure: Callable[[Job, int, float, str], JobState | None] | None = None
 
     def reconcile(self, now: float) -> list[tuple[int, JobState]]:
         """The restore step on start: every running job is checked against its session."""
         ended = self.reap(now, check_sessions=True)
+        self._sweep_ended_sessions()
         for job in self.store.jobs([JobState.RUNNING]):
             log.info("job %d re-adopted (session %s)", job.id, job.session)
         return ended
@@ -76,6 +85,29 @@ class Reaper:
             if outcome is not None:
                 ended.append((job.id, outcome))
         return ended
+
+    def _sweep_ended_sessions(self) -> None:
+        """Sessions left behind by a scheduler killed (SIGKILL) after recording a job's end but
+        before removing its session (removals wait for the end of a pass), or after `kill` was
+        recorded during the job's launch but before that launch could stop the new session."""
+        try:
+            sessions = self.runner.sessions()
+        except RunnerError as exc:
+            log.warning("cannot list sessions to clean up: %s", exc)
+            return
+        for name, state in sessions.items():
+            match = _JOB_SESSION.match(name)
+            job = self.store.job(int(match.group(1))) if match else None
+            if job is None or job.session != name or job.status in _NOT_ENDED:
+                continue  # not ours, or an earlier run's of a job queued again
+            if (job.runner or self.runner_id) != self.runner_id:
+                continue  # started by another runner (a restart with other settings)
+            if not state.alive:
+                log.info("job %d (%s): removing its leftover session %s", job.id, job.status, name)
+                self.runner.remove(name)
+            elif job.status == JobState.KILLED:
+                log.info("job %d was killed: stopping its leftover session %s", job.id, name)
+                self.runner.kill(name)
 
     def _session_state(
         self, job: Job, cache: dict[str, dict[str, SessionState]]
@@ -99,7 +131,12 @@ class Reaper:
     def _finish(self, job: Job, code: int, ended_at: float, note: str) -> JobState | None:
         state = JobState.COMPLETED if code == 0 else JobState.FAILED
         detail = f"exit {code}{note}"
-        if not self.store.transition(
+        if code != 0 and self.on_failure is not None:
+            found = self.on_failure(job, code, ended_at, detail)
+            if found is None:
+                return None
+            state = found
+        elif not self.store.transition(
             job.id,
             state,
             when=[JobState.RUNNING],

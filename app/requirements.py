@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import shlex
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app import headers
-from app.models import Requirement, RequirementError, validate_amount
+from app.models import Requirement, RequirementError, loose_words, validate_amount
+from app.reprs import short_repr
 
 DEFAULT_REQUIREMENT = 1.0
 
@@ -35,22 +34,11 @@ class ConfigError(ValueError):
     """llm_config.json cannot be used at all; the message names the file and the key."""
 
 
-#: What makes shlex split differently from splitting at blanks; and shlex's blanks.
-_QUOTING = re.compile(r"[\"'\\]")
-_BLANKS = re.compile(r"[ \t\r\n]+")
-
-
 def llm_name(args: str) -> str | None:
     """The value of `--llm NAME` or `--llm=NAME` in the arguments; the last one wins."""
     if "--llm" not in args:
         return None
-    if _QUOTING.search(args):
-        try:
-            words = shlex.split(args)
-        except ValueError:
-            words = args.split()  # unbalanced quotes: still find the model, as the old tool did
-    else:  # no quotes or escapes: the same words as shlex gives, 20 times faster
-        words = _BLANKS.split(args.strip(" \t\r\n"))
+    words = loose_words(args)  # unbalanced quotes: still find the model, as the old tool did
     name: str | None = None
     for i, word in enumerate(words):
         if word == "--llm" and i + 1 < len(words):
@@ -104,12 +92,12 @@ def _model_entry(value: object) -> tuple[float, int | None]:
             raise RequirementError('missing \'gpus\' (e.g. {"gpus": 2, "vram_gb": 40})')
         amount = _number(value["gpus"])
         if amount is None:
-            raise RequirementError(f"'gpus' must be a number, not {value['gpus']!r}")
+            raise RequirementError(f"'gpus' must be a number, not {short_repr(value['gpus'])}")
         if "vram_gb" in value:
             vram_gb = _number(value["vram_gb"])
             if vram_gb is None or not math.isfinite(vram_gb) or vram_gb <= 0:
                 raise RequirementError(
-                    f"'vram_gb' must be a positive number, not {value['vram_gb']!r}"
+                    f"'vram_gb' must be a positive number, not {short_repr(value['vram_gb'])}"
                 )
             if vram_gb > headers.MAX_GB:  # a typo; and its MB could not be stored with a job
                 raise RequirementError(f"'vram_gb' {vram_gb:g} is more than 1 PiB")
@@ -118,7 +106,7 @@ def _model_entry(value: object) -> tuple[float, int | None]:
         number = _number(value)
         if number is None:
             raise RequirementError(
-                f"entry must be a number or an object with 'gpus', not {value!r}"
+                f"entry must be a number or an object with 'gpus', not {short_repr(value)}"
             )
         amount = number
     validate_amount(amount)
@@ -134,7 +122,9 @@ def parse_llm_config(data: object, source: str) -> LlmConfig:
         raw = data["default_requirement"]
         number = _number(raw)
         if number is None:
-            raise ConfigError(f"{source}: 'default_requirement' must be a number, not {raw!r}")
+            raise ConfigError(
+                f"{source}: 'default_requirement' must be a number, not {short_repr(raw)}"
+            )
         try:
             validate_amount(number)
         except RequirementError as exc:
@@ -156,7 +146,8 @@ def parse_llm_config(data: object, source: str) -> LlmConfig:
 def load_llm_config(path: Path) -> LlmConfig:
     """Read llm_config.json; a missing file means every job needs the default (1 GPU)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of the JSON.
+        text = path.read_bytes().decode("utf-8-sig")
     except FileNotFoundError:
         return LlmConfig(source=str(path))
     except (OSError, UnicodeDecodeError) as exc:
@@ -167,6 +158,8 @@ def load_llm_config(path: Path) -> LlmConfig:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise ConfigError(f"{path}: invalid JSON: a number has too many digits") from None
     return parse_llm_config(data, str(path))
 
 
@@ -227,10 +220,7 @@ def resolve(
     header (`declared`) and the line's `--gpusched-*` directives declare, the line winning.
     A commands-file line is the user's shell code: no directives are read from it."""
     base = config.requirement(args)
-    try:
-        words = shlex.split(args) if directives else []
-    except ValueError:
-        words = args.split()
+    words = loose_words(args) if directives else []
     line, _ = headers.split_directives(words)
     own = line.over(headers.decode(declared))
     vram = own.vram_mb if own.vram_mb is not None else base.vram_mb

@@ -110,6 +110,36 @@ def _inputs(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN declared TEXT NOT NULL DEFAULT ''")
 
 
+@migration("004_run_limits")
+def _run_limits(db: sqlite3.Connection) -> None:
+    """Automatic retries of failed runs, and the GPU memory a job asks for after it died of
+    CUDA out-of-memory (app/limits.py); `retry` and a re-added line reset both."""
+    db.execute("ALTER TABLE jobs ADD COLUMN retries_done INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE jobs ADD COLUMN oom_vram_mb INTEGER")
+
+
+@migration("005_insert_revisions")
+def _insert_revisions(db: sqlite3.Connection) -> None:
+    """Inserts bring their own revision: ingest stamps a batch of 100,000 new jobs with one
+    counter update. A per-row insert trigger (even one whose WHEN is false) doubled the
+    insert's cost; updates are still stamped by `jobs_rev_update`."""
+    db.execute("DROP TRIGGER jobs_rev_insert")
+
+
+def stamp_revisions(db: sqlite3.Connection) -> None:
+    """Give rows inserted without a revision (rev 0) one, as `Store` does for its inserts.
+
+    For code that fills the jobs table directly (test fixtures, benchmarks): since schema 005
+    an insert is not stamped by a trigger, and readers (the dashboard, the pending queue) only
+    see rows whose revision is above the last they read."""
+    db.execute("UPDATE jobs SET rev = id + (SELECT value FROM counters WHERE name = 'jobs_rev') "
+               "WHERE rev = 0")  # fmt: skip
+    db.execute(
+        "UPDATE counters SET value = (SELECT MAX(value, COALESCE(MAX(rev), 0)) FROM jobs) "
+        "WHERE name = 'jobs_rev'"
+    )
+
+
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits on its own, and a migration must be one transaction.
     for statement in script.split(";"):
@@ -125,3 +155,15 @@ def migrate(db: sqlite3.Connection) -> None:
         if name not in done:
             fn(db)
             db.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+
+
+def pending_migrations(db: sqlite3.Connection) -> bool:
+    """Whether `migrate` has anything to do (read-only: opening a current database for
+    reading needs no write lock, so `status` works while another process holds one)."""
+    has_table = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+    ).fetchone()
+    if not has_table:
+        return True
+    done = {r[0] for r in db.execute("SELECT name FROM migrations")}
+    return any(name not in done for name, _ in MIGRATIONS)

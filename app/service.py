@@ -10,7 +10,7 @@ import threading
 import time
 from types import FrameType
 
-from app import trust
+from app import dbguard, dbstart, trust
 from app.control import SchedulerLock, make_runner, runner_for
 from app.daemon import Daemon
 from app.gpus import make_probe
@@ -47,17 +47,30 @@ def build_daemon(settings: Settings, paths: StatePaths, store: Store, echo: bool
     return Daemon(settings, store, paths, probe, runner, runner_id, runner_for=runner_for)
 
 
-def serve(settings: Settings, stop: threading.Event | None = None, console: bool = True) -> int:
+def serve(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    console: bool = True,
+    fresh_state: bool = False,
+) -> int:
     """`gpusched start`: refuses when another scheduler owns the state directory, and
-    (trust.UntrustedPathError) when others can change an input or the state directory."""
-    paths = state_paths(settings.state_dir).ensure()
+    (trust.UntrustedPathError) when others can change an input or the state directory;
+    dbguard.StorageError for a read-only state directory or a corrupt database (set aside:
+    app/dbstart.py, where `fresh_state` is `--fresh-state`)."""
+    paths = state_paths(settings.state_dir)
+    dbstart.check_writable(paths)
+    paths = paths.ensure()
     trust.require_trusted(settings, paths.root)
     lock = SchedulerLock(paths)
     lock.acquire()
-    setup_logging(paths, stream=console)
-    if not settings.strict_modes:
-        log.warning("strict modes are off: inputs are read whoever can change them")
-    store = Store(paths.db)
+    try:
+        setup_logging(paths, stream=console)
+        if not settings.strict_modes:
+            log.warning("strict modes are off: inputs are read whoever can change them")
+        store = dbstart.open_for_scheduler(settings, paths, fresh_state)
+    except BaseException:
+        lock.release()
+        raise
     stop = stop or threading.Event()
     try:
         daemon = build_daemon(settings, paths, store, echo=console)
@@ -95,6 +108,14 @@ def serve(settings: Settings, stop: threading.Event | None = None, console: bool
             log.info("gpusched stopped; %d direct job(s) stopped with it", len(stopped))
         else:
             log.info("gpusched stopped; running jobs keep running and will be re-adopted")
+    except dbguard.CorruptDatabaseError as exc:  # found while running: set aside as at start
+        store.close()
+        copy = dbguard.set_aside(paths.db)
+        detail = str(exc.__cause__ or exc)
+        log.error("corrupt state database %s moved to %s: %s", paths.db, copy, detail)  # noqa: TRY400
+        raise dbguard.CorruptDatabaseError(
+            dbguard.awaiting_decision(paths.db, copy, detail)
+        ) from exc
     finally:
         store.close()
         lock.release()

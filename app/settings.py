@@ -1,20 +1,22 @@
 """One typed settings model: defaults < config file < environment (`GPUSCHED_*`) < flags.
 
 This module holds the model, its validation, and the conversion of raw values (environment
-strings, config-file values, flags) into typed ones. `app/config.py` reads config files and
-reports where each effective value came from.
+strings, config-file values, flags) into typed ones; `app/settings_sources.py` layers the
+sources, and `app/config.py` reads config files and reports where each value came from.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from app.headers import as_duration
 from app.jobsfile import parse_gpu_list
 from app.models import Policy
+from app.reprs import short_repr
 
 GPU_BACKENDS = ("auto", "nvml", "gputil", "fake")
 RUNNERS = ("tmux", "screen", "direct")
@@ -95,6 +97,12 @@ class Settings:
     strict_modes: bool = True
     """Refuse inputs (jobs file, llm_config.json, ...) that others can change, like sshd's
     StrictModes (app/trust.py); False reads them anyway."""
+    time_limit: float | None = None
+    """Seconds a job may run before it is killed, unless it sets its own; None = no limit."""
+    retries: int = 0
+    """Times a failed job is queued again automatically, unless it sets its own."""
+    retry_wait: float = 30.0
+    """Base wait (s) before an automatic retry; doubles with each retry of the same job."""
 
     def policy(self) -> Policy:
         return Policy(
@@ -117,7 +125,7 @@ class Settings:
             if problem:
                 raise SettingsError(f"{f.name} {problem}", f.name)
         if self.gpu_backend == "fake" and self.fake_gpus is None:
-            raise SettingsError("--gpu-backend fake needs --fake-gpus FILE")
+            raise SettingsError("--gpu-backend fake needs --fake-gpus FILE", "gpu_backend")
         if self.commands_file is not None and (
             self.commands_file.resolve() == self.jobs_file.resolve()
         ):
@@ -133,14 +141,13 @@ class Settings:
 # ---- checks on one value -------------------------------------------------------------------
 
 _FRACTIONS = ("mem_threshold", "load_threshold", "max_ram", "max_vram")
-_POSITIVE = (
-    "monitor_interval",
-    "state_interval",
-    "assign_retry_wait",
-    "probe_timeout",
-    "tick_interval",
-)
-_NON_NEGATIVE = ("ramp_up", "starvation_timeout", "min_free_mem_mb")
+_POSITIVE: tuple[str, ...] = ("monitor_interval", "state_interval", "assign_retry_wait")
+_POSITIVE += ("probe_timeout", "tick_interval", "time_limit")
+#: Longest interval or timeout: a year (threading's waits overflow long before 1e300 s).
+MAX_INTERVAL_S = 365 * 86400.0
+_WAITS: tuple[str, ...] = ("monitor_interval", "state_interval", "assign_retry_wait")
+_WAITS += ("probe_timeout", "tick_interval")
+_NON_NEGATIVE = ("ramp_up", "starvation_timeout", "min_free_mem_mb", "retries", "retry_wait")
 _AT_LEAST_ONE = ("max_assign_attempts", "gpus", "max_workers")
 _CHOICES = {"gpu_backend": GPU_BACKENDS, "runner": RUNNERS, "mode": MODES}
 
@@ -158,11 +165,13 @@ def check_field(name: str, value: object) -> str | None:
     ):
         return (
             "must be a socket name of letters, digits, '_', '.' and '-' (not a path; "
-            f"tmux keeps it in its private directory), got {value!r}"
+            f"tmux keeps it in its private directory), got {short_repr(value)}"
         )
     if name in _CHOICES:
         options = _CHOICES[name]
-        return None if value in options else f"must be {_one_of(options)}, got {value!r}"
+        if value in options:
+            return None
+        return f"must be {_one_of(options)}, got {short_repr(value)}"
     if name == "gpu_ids":
         ids = value if isinstance(value, tuple) else ()
         valid = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
@@ -173,6 +182,8 @@ def check_field(name: str, value: object) -> str | None:
         return f"must be in (0, 1], got {value}"
     if name in _POSITIVE and not value > 0:
         return f"must be positive, got {value}"
+    if name in _WAITS and not value <= MAX_INTERVAL_S:  # Event.wait(1e300): OverflowError
+        return f"must be at most {MAX_INTERVAL_S:g} s (a year), got {value}"
     if name in _NON_NEGATIVE and not (value >= 0 and math.isfinite(value)):
         return f"must be 0 or more, got {value}"
     if name in _AT_LEAST_ONE and value < 1:
@@ -186,16 +197,8 @@ def _one_of(options: tuple[str, ...]) -> str:
 
 # ---- converting raw values (environment strings, config-file values, flags) ----------------
 
-_BOOL = {
-    "1": True,
-    "true": True,
-    "yes": True,
-    "on": True,
-    "0": False,
-    "false": False,
-    "no": False,
-    "off": False,
-}
+_BOOL = {**dict.fromkeys(("1", "true", "yes", "on"), True)}
+_BOOL.update(dict.fromkeys(("0", "false", "no", "off"), False))
 
 
 def _as_bool(raw: object) -> bool:
@@ -231,6 +234,8 @@ def _as_float(raw: object) -> float:
 
 
 def _as_path(raw: object) -> Path:
+    if isinstance(raw, str | Path) and "\0" in str(raw):
+        raise ValueError("a path cannot contain a NUL character")
     if isinstance(raw, str | Path) and str(raw).strip():
         return Path(raw).expanduser()
     raise ValueError("expected a path")
@@ -306,6 +311,7 @@ _SPECIAL: dict[str, Converter] = {
     "gpu_ids": _optional(_as_gpu_ids),
     "max_ram": _optional(_as_limit),
     "max_vram": _optional(_as_limit),
+    "time_limit": _optional(as_duration),
 }
 CONVERTERS: dict[str, Converter] = {
     f.name: _SPECIAL.get(f.name) or _BY_TYPE[str(f.type)] for f in fields(Settings)
@@ -319,80 +325,10 @@ def convert(name: str, raw: object, where: str, key: str | None = None) -> objec
     try:
         value = CONVERTERS[name](raw)
     except (ValueError, TypeError) as exc:
-        raise SettingsError(f"{where}: bad value {raw!r} for {label}: {exc}", name) from None
+        raise SettingsError(
+            f"{where}: bad value {short_repr(raw)} for {label}: {exc}", name
+        ) from None
     problem = check_field(name, value)
     if problem:
         raise SettingsError(f"{where}: {label} {problem}", name)
     return value
-
-
-# ---- sources -------------------------------------------------------------------------------
-
-Layer = Mapping[str, tuple[object, str]]
-"""One source's settings: name -> (typed value, source such as "env GPUSCHED_GPUS")."""
-
-ENV_ALIASES: dict[str, tuple[str, ...]] = {
-    "tick_interval": ("GPUSCHED_POLL_INTERVAL",),
-    "max_ram": ("MAX_RAM",),
-    "max_vram": ("MAX_VRAM",),
-    "ramp_up": ("RAMP_UP_TIME",),
-}
-"""Variables read after `GPUSCHED_<NAME>` (which wins): the earlier tools' names."""
-
-
-def env_names(name: str) -> tuple[str, ...]:
-    """The environment variables for a setting, highest precedence first."""
-    return (f"GPUSCHED_{name.upper()}", *ENV_ALIASES.get(name, ()))
-
-
-def env_layer(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
-    """Settings from the environment; an empty variable counts as unset."""
-    layer: dict[str, tuple[object, str]] = {}
-    for f in fields(Settings):
-        for var in env_names(f.name):
-            raw = env.get(var, "")
-            if raw.strip():
-                layer[f.name] = (convert(f.name, raw, f"env {var}"), f"env {var}")
-                break
-    return layer
-
-
-def flag_layer(
-    flags: Mapping[str, object], flag_names: Mapping[str, str] | None = None
-) -> dict[str, tuple[object, str]]:
-    """Settings from flags given on the command line (None = not given)."""
-    layer: dict[str, tuple[object, str]] = {}
-    for name, raw in flags.items():
-        if raw is None:
-            continue
-        if name not in CONVERTERS:
-            raise SettingsError(f"unknown setting {name!r}")
-        flag = (flag_names or {}).get(name) or "--" + name.replace("_", "-")
-        layer[name] = (convert(name, raw, f"flag {flag}"), f"flag {flag}")
-    return layer
-
-
-def merge(*layers: Layer) -> tuple[Settings, dict[str, str]]:
-    """Apply layers, lowest precedence first: the validated settings and each one's source."""
-    values: dict[str, object] = {}
-    sources = {f.name: "default" for f in fields(Settings)}
-    for layer in layers:
-        for name, (value, source) in layer.items():
-            values[name] = value
-            sources[name] = source
-    settings = replace(Settings(), **values)  # type: ignore[arg-type]
-    try:
-        settings.validate()
-    except SettingsError as exc:
-        if exc.setting is None or sources[exc.setting] == "default":
-            raise
-        raise SettingsError(f"{sources[exc.setting]}: {exc}", exc.setting) from None
-    return settings, sources
-
-
-def from_sources(env: Mapping[str, str], flags: Mapping[str, object]) -> Settings:
-    """Defaults < environment < flags given on the command line (not None); no config file.
-
-    `app.config.load_settings` adds the config file and reports each value's source.
-    """
-    return merge(env_layer(env), flag_layer(flags))[0]

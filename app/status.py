@@ -145,6 +145,7 @@ def build_status(store: Store, paths: StatePaths) -> Status:
             "jobs_file": store.meta("jobs_file"),
             "backend": store.meta("backend"),
             "probe_error": store.meta("probe_error") or None,
+            "config_error": store.meta("config_error") or None,
             "gpus_at": float(store.meta("gpus_at") or 0) or None,
         },
         "gpus": gpu_rows,
@@ -210,10 +211,10 @@ def _outcome(job: dict[str, Any], plain: PlainJob, now: float) -> str:
     if state == JobState.PENDING:
         return f"pending ({reason or 'waiting for the next pass'})"
     if state == JobState.FAILED:
-        if job["exit_code"] is not None:
-            return f"failed (exit {job['exit_code']})"
+        if job["exit_code"] is not None:  # reason: e.g. retries given up (app/limits.py)
+            return f"failed (exit {job['exit_code']}{'; ' + reason if reason else ''})"
         return f"failed ({reason})" if reason else "failed"
-    if state in (JobState.LOST, JobState.UNSCHEDULABLE) and reason:
+    if state in (JobState.LOST, JobState.UNSCHEDULABLE, JobState.KILLED) and reason:
         return f"{state} ({reason})"
     return str(state)  # completed, killed
 
@@ -283,6 +284,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     lines = [f"scheduler: {running}  state: {sched['state_dir']}"]
     if sched["probe_error"]:
         lines.append(f"GPU probe failing: {sched['probe_error']}")
+    if sched.get("config_error"):
+        lines.append(f"llm config not in use (the last good one is): {sched['config_error']}")
     lines.append("GPUs:" if status["gpus"] else "GPUs: none seen yet (start the scheduler)")
     for gpu in status["gpus"]:
         mem = f"{gpu['memory_used_mb']}/{gpu['memory_total_mb']} MB"

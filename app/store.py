@@ -17,10 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from app import dbguard
 from app.jobsfile import format_gpu_list
 from app.models import BLOCKING_DUPLICATE_STATES, Job, JobSpec, JobState, LineError
 from app.paths import private_dir, private_file, tighten
-from app.schema import migrate
+from app.schema import migrate, pending_migrations
 
 
 @dataclass(frozen=True)
@@ -33,19 +34,17 @@ class IngestReport:
 class Store:
     """One connection per process (SQLite in WAL mode allows one writer and many readers)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float | None = None) -> None:
+        dbguard.refuse_if_set_aside(path)  # storage faults raise dbguard.StorageError
         private_dir(path.parent, existing_too=False)
         # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
         private_file(path)
         for extra in ("-wal", "-shm"):  # left by an older version with the umask's modes
             tighten(path.with_name(path.name + extra))
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        self.db = dbguard.connect(path, timeout)
+        with dbguard.storage_errors(path):
+            self._migrate()
 
     def close(self) -> None:
         self.db.close()
@@ -62,8 +61,9 @@ class Store:
         self.db.execute("COMMIT")
 
     def _migrate(self) -> None:
-        with self.tx() as db:
-            migrate(db)
+        if pending_migrations(self.db):  # a read first: a reader's open takes no write lock
+            with self.tx() as db:
+                migrate(db)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -93,7 +93,11 @@ class Store:
 
     def max_rev(self) -> int:
         """The newest revision stamp given to a job row (0 before the first)."""
-        row = self.db.execute("SELECT value FROM counters WHERE name = 'jobs_rev'").fetchone()
+        return self._rev(self.db)
+
+    @staticmethod
+    def _rev(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT value FROM counters WHERE name = 'jobs_rev'").fetchone()
         return int(row[0]) if row else 0
 
     def counts(self) -> dict[str, int]:
@@ -245,11 +249,16 @@ class Store:
             known[key] = (job_id, JobState.PENDING)
         if fresh:
             last = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
+            # Revisions stamped here, one counter update for the batch (schema 005).
+            db.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'jobs_rev'", (len(fresh),)
+            )
+            first_rev = self._rev(db) - len(fresh) + 1
             db.executemany(
                 "INSERT INTO jobs (key, status, priority, seq, script, conda_env, args,"
-                " allowed_gpus, source, kind, declared, submitted_at, queued_at)"
-                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                fresh,
+                " allowed_gpus, source, kind, declared, submitted_at, queued_at, rev)"
+                " VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                ((*row, rev) for rev, row in enumerate(fresh, start=first_rev)),
             )
             ids = dict(db.execute("SELECT key, id FROM jobs WHERE id > ? ORDER BY id", (last,)))
             db.executemany(
@@ -369,7 +378,7 @@ def _reset_to_pending(db: sqlite3.Connection, job_id: int, now: float, detail: s
         "UPDATE jobs SET status = 'pending', gpus = NULL, share = NULL, session = NULL, "
         "runner = NULL, log_path = NULL, command = NULL, pid = NULL, launched = 0, "
         "exit_code = NULL, reason = '', attempts = 0, next_attempt_at = NULL, "
-        "started_at = NULL, ended_at = NULL WHERE id = ?",
+        "started_at = NULL, ended_at = NULL, retries_done = 0, oom_vram_mb = NULL WHERE id = ?",
         (job_id,),
     )
     db.execute(

@@ -236,17 +236,17 @@ def run(spec: dict[str, Any], devnull_stdin: bool = False, tmp_dir: str | None =
             forward(signum, None)
         _, status = os.waitpid(child, 0)
         code = exit_code_of(os.waitstatus_to_exitcode(status))
-    write_exit_record(
-        str(spec["exit_file"]),
-        {
-            "job_id": spec["job_id"],
-            "exit_code": code,
-            "started_at": started_at,
-            "ended_at": time.time(),
-            "pid": child,
-        },
-        tmp_dir,
-    )
+    record = {
+        "job_id": spec["job_id"],
+        "exit_code": code,
+        "started_at": started_at,
+        "ended_at": time.time(),
+        "pid": child,
+    }
+    try:
+        write_exit_record(str(spec["exit_file"]), record, tmp_dir)
+    except OSError as e:  # e.g. a full or read-only disk: the job's code is still our status
+        _say(f"gpusched: cannot write the exit record ({e}); exit status {code} passed on")
     return code
 
 

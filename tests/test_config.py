@@ -12,7 +12,8 @@ import pytest
 
 from app.cli import main
 from app.config import load_settings, read_config
-from app.settings import Settings, SettingsError, env_names, from_sources
+from app.settings import Settings, SettingsError
+from app.settings_sources import env_names, from_sources
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
