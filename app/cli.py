@@ -295,18 +295,28 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jobs_file_of(paths: StatePaths) -> Path:
+def _jobs_file_of(paths: StatePaths, wait_s: float = 10.0) -> Path:
     """The jobs file of the scheduler on this state directory: the one running now, else the
-    last one that ran (recorded in the database); ./jobs.txt only when none ever ran."""
-    if paths.db.exists():
-        store = Store(paths.db)
-        try:
-            recorded = store.meta("jobs_file")
-        finally:
-            store.close()
-        if recorded:
-            return Path(recorded)
-    return Path("jobs.txt")
+    last one that ran (recorded in the database); ./jobs.txt only when none ever ran.
+
+    A scheduler that is starting holds its lock a moment before it records its jobs file:
+    until it has (or `wait_s` passed), the file recorded is an older scheduler's, or none."""
+    running = control.scheduler_pid(paths)
+    deadline = time.monotonic() + wait_s
+    recorded: dict[str, str] = {}
+    while True:
+        if paths.db.exists():
+            store = Store(paths.db)
+            try:
+                recorded = store.metas("jobs_file", "pid")
+            finally:
+                store.close()
+        if running is None or recorded.get("pid") == str(running):
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return Path(recorded["jobs_file"]) if recorded.get("jobs_file") else Path("jobs.txt")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -162,6 +162,37 @@ def test_add_goes_to_the_running_schedulers_file_and_runs(
     assert "[→] #1 python3 job.py --llm half --sleep 30  → GPU 0 → running (" in out
 
 
+def test_add_waits_for_a_starting_scheduler_to_record_its_jobs_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lock is held (pid written) a moment before the jobs file is recorded: `add` in that
+    moment must not use the file of the scheduler that ran before (or ./jobs.txt)."""
+    import os
+
+    from app.control import SchedulerLock
+
+    paths = StatePaths(tmp_path / "state").ensure()
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    store = Store(paths.db)
+    store.set_meta({"pid": "999999", "jobs_file": str(old)})  # the last scheduler's
+    lock = SchedulerLock(paths)
+    lock.acquire()  # this process is the scheduler that is starting
+    recorder = threading.Timer(
+        0.5, lambda: store.set_meta({"pid": str(os.getpid()), "jobs_file": str(new)})
+    )
+    recorder.start()
+    script = tmp_path / "job.py"
+    script.write_text("")
+    try:
+        assert main(["add", str(script), "--state-dir", str(paths.root)]) == 0
+    finally:
+        recorder.join()
+        lock.release()
+        store.close()
+    assert f"added to {new}" in capsys.readouterr().out
+    assert new.read_text().count("job.py") == 1 and not old.exists()
+
+
 def test_pause_kill_retry_reach_the_scheduler(
     running: Running, capsys: pytest.CaptureFixture[str]
 ) -> None:
