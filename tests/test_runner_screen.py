@@ -227,6 +227,24 @@ def test_running_session_reported_until_the_job_ends(
 
 
 @needs_screen
+def test_a_job_killed_from_outside_by_sigkill_is_recorded_137(
+    runner: ScreenRunner, state_paths: StatePaths, tmp_path: Path
+) -> None:
+    flag = tmp_path / "never"
+    req = make_job(state_paths, tmp_path, WAIT_FOR_FILE, args=str(flag))
+    launched = runner.launch(req)
+    wait_until(lambda: log_has(req, "READY"))
+    assert launched.pid is not None
+    (job,) = [
+        p for p in proctree.descendants(launched.pid)
+        if str(tmp_path) in Path(f"/proc/{p}/cmdline").read_text()
+    ]  # fmt: skip
+    os.kill(job, 9)
+    assert exit_record(req)["exit_code"] == 137
+    wait_until(lambda: ended(runner, req))
+
+
+@needs_screen
 def test_kill_takes_down_a_job_that_ignores_sigterm_and_its_children(
     runner: ScreenRunner, state_paths: StatePaths, tmp_path: Path
 ) -> None:

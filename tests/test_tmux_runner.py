@@ -271,6 +271,24 @@ def test_ctrl_c_reaches_the_job(
     assert runner.sessions()[req.session].dead_status == code
 
 
+def test_a_job_killed_from_outside_by_sigkill_is_recorded_137(
+    runner: TmuxRunner, state_paths: StatePaths, tmp_path: Path
+) -> None:
+    """The kernel's OOM killer, or a user's `kill -9 PID`: the job's own process dies, not
+    the wrapper, which records 128 + 9 like a shell would."""
+    req = make_job(state_paths, tmp_path, SLEEPER)
+    launched = runner.launch(req)
+    wait_until(lambda: log_has(req, "READY"))
+    assert launched.pid is not None
+    (job,) = [
+        p for p in proctree.descendants(launched.pid)
+        if str(tmp_path) in Path(f"/proc/{p}/cmdline").read_text()
+    ]  # fmt: skip
+    os.kill(job, 9)
+    assert exit_record(req)["exit_code"] == 137
+    wait_until(lambda: runner.sessions()[req.session].dead_status == 137)
+
+
 def _fake_conda(tmp_path: Path) -> Path:
     bindir = tmp_path / "fakebin"
     bindir.mkdir()
