@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Effective, load_settings
+from app.models import PLACEMENTS
 from app.settings import DEFAULT_LIMIT_FRACTION, GPU_BACKENDS, MODES, RUNNERS, Settings
 
 _GIVEN = "setting_flags"
@@ -106,6 +107,12 @@ def settings_parent() -> argparse.ArgumentParser:
         choices=MODES,
         help="share: fractional GPU shares; exclusive: one job per GPU; memory: by declared "
         "GPU memory; detected: by free memory the probe reports (share)",
+    )
+    flag(
+        "--placement",
+        choices=PLACEMENTS,
+        help="the GPU a one-GPU job gets among those it fits on: pack (the fullest), "
+        "first-fit (the lowest index) or spread (the emptiest) (pack)",
     )
     flag(
         "--mem-threshold",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from app.headers import as_duration
 from app.jobsfile import parse_gpu_list
-from app.models import Policy
+from app.models import PLACEMENTS, Policy
 from app.reprs import short_repr
 
 GPU_BACKENDS = ("auto", "nvml", "gputil", "fake")
@@ -78,6 +78,9 @@ class Settings:
     mode: str = "share"
     """Allocation mode: share (fractional ledger), exclusive (one job per GPU), memory (by
     declared GPU memory) or detected (by free memory the probe reports)."""
+    placement: str = "pack"
+    """Which GPU a one-GPU job gets among those it fits on: pack (the fullest, keeping empty
+    GPUs for multi-GPU jobs), first-fit (the lowest index) or spread (the emptiest)."""
     commands_file: Path | None = None
     """A second input: one plain shell command per line (`#` comments); None = none."""
     spool_dir: Path | None = None
@@ -112,6 +115,7 @@ class Settings:
             starvation_s=self.starvation_timeout,
             backfill=self.backfill,
             mode=self.mode,
+            placement=self.placement,
             max_workers=self.max_workers,
             min_free_mem_mb=self.min_free_mem_mb,
             max_ram=self.max_ram,
@@ -150,6 +154,7 @@ _WAITS += ("probe_timeout", "tick_interval")
 _NON_NEGATIVE = ("ramp_up", "starvation_timeout", "min_free_mem_mb", "retries", "retry_wait")
 _AT_LEAST_ONE = ("max_assign_attempts", "gpus", "max_workers")
 _CHOICES = {"gpu_backend": GPU_BACKENDS, "runner": RUNNERS, "mode": MODES}
+_CHOICES["placement"] = PLACEMENTS
 
 
 #: A tmux socket name (`tmux -L NAME`): a file name in tmux's private socket directory.

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from app import control
 from app.gpus.fake import update_fake_gpu
 from app.models import JobState
+from app.settings import SettingsError
 from tests.workspace import Workspace, make_workspace
 
 
@@ -39,6 +42,18 @@ def test_share_mode_packs_halves_and_exclusive_mode_gives_each_job_a_gpu(
     exclusive.tick()
     assert running_on(exclusive) == {1: (0,), 2: (1,)}
     assert "GPUs 0-1" in exclusive.job(3).reason
+
+
+def test_placement_setting_reaches_the_scheduler(tmp_path: Path, tmux_socket: str) -> None:
+    """Two half-GPU jobs: packed on GPU 0 by default, one per GPU with `placement = spread`."""
+    spread = make_workspace(tmp_path / "spread", tmux_socket, gpus=2, placement="spread")
+    sleepers(spread, "half", "half")
+    spread.tick()
+    assert running_on(spread) == {1: (0,), 2: (1,)}
+    for job_id in running_on(spread):  # the next workspace's sessions get the same names
+        control.kill_job(spread.store, spread.paths, job_id)
+    with pytest.raises(SettingsError, match="placement"):
+        make_workspace(tmp_path / "bad", tmux_socket, gpus=2, placement="random")
 
 
 def test_max_workers_caps_concurrent_jobs(tmp_path: Path, tmux_socket: str) -> None:
