@@ -93,9 +93,9 @@ def test_scale_reports_each_target(tmp_path: Path) -> None:
     sc = section(text, "scale")
     assert "Machine: CPU " in sc and "SQLite " in sc
     results = [line for line in sc.splitlines() if line.startswith("| ")][1:]
-    assert len(results) == 10, results
+    assert len(results) == 11, results
     verdicts = re.findall(r"\| ≤ [^|]*: (met|missed) \|$", sc, re.MULTILINE)
-    assert len(verdicts) == 4, sc  # ingest, allocator busy and free, idle CPU
+    assert len(verdicts) == 5, sc  # ingest, allocator busy, free and starving, idle CPU
     assert "300 pending" in sc
 
 
