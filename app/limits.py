@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
 
 from app import headers, jobsfile
 from app.headers import Declared, format_duration
@@ -175,12 +174,12 @@ class RunLimits:
         runner_id = job.runner or self.runner_id
         try:
             if runner_id == self.runner_id and job.session:
-                _kill(self.runner, job.session, KILL_GRACE_S)
+                self.runner.kill(job.session, grace_s=KILL_GRACE_S)
             elif runner_id.startswith("direct:"):  # a child of an earlier scheduler
                 if job.pid:
                     kill_orphan(job.pid, self.paths.run_spec(job.id), grace_s=KILL_GRACE_S)
             elif self.runner_for is not None and job.session:
-                _kill(self.runner_for(runner_id), job.session, KILL_GRACE_S)
+                self.runner_for(runner_id).kill(job.session, grace_s=KILL_GRACE_S)
         except Exception:  # a thread of its own: nobody else would hear of it
             log.exception("job %d: stopping it after its time limit failed", job.id)
         self.paths.exit_file(job.id).unlink(missing_ok=True)  # its end is already recorded
@@ -274,10 +273,3 @@ class RunLimits:
             return {int(g["index"]): int(g["memory_total_mb"]) for g in gpus}
         except (ValueError, KeyError, TypeError):
             return {}
-
-
-def _kill(runner: Runner, session: str, grace_s: float) -> None:
-    """`runner.kill` with a grace period: every runner takes `grace_s`; the protocol does not
-    say so, as the CLI never passes it."""
-    kill = cast(Callable[..., None], runner.kill)
-    kill(session, grace_s=grace_s)

@@ -40,7 +40,8 @@ class Runner(Protocol):
 
     def sessions(self) -> dict[str, SessionState]: ...
 
-    def kill(self, session: str) -> None: ...
+    def kill(self, session: str, grace_s: float = ...) -> None:
+        """Kill the session's whole process tree: SIGTERM, SIGKILL after `grace_s`."""
 
     def remove(self, session: str) -> None: ...
 
