@@ -304,18 +304,21 @@ def _jobs_file_of(paths: StatePaths, wait_s: float = 10.0) -> Path:
     running = control.scheduler_pid(paths)
     deadline = time.monotonic() + wait_s
     recorded: dict[str, str] = {}
-    while True:
-        if paths.db.exists():
-            store = Store(paths.db)
-            try:
+    store: Store | None = None
+    try:
+        while True:
+            if store is None and paths.db.exists():
+                store = Store(paths.db)  # opened once, then read until the pid matches
+            if store is not None:
                 recorded = store.metas("jobs_file", "pid")
-            finally:
-                store.close()
-        if running is None or recorded.get("pid") == str(running):
-            break
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+            if running is None or recorded.get("pid") == str(running):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        if store is not None:
+            store.close()
     return Path(recorded["jobs_file"]) if recorded.get("jobs_file") else Path("jobs.txt")
 
 
