@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -232,6 +233,27 @@ def test_nvml_reports_real_gpus() -> None:
         assert gpu.name
         assert 0 <= gpu.memory_used_mb <= gpu.memory_total_mb
         assert 0.0 <= gpu.utilization <= 1.0
+
+
+@pytest.mark.skipif(
+    not HAS_NVML or shutil.which("nvidia-smi") is None, reason="needs an NVIDIA GPU"
+)
+def test_nvml_memory_matches_nvidia_smi() -> None:
+    # NVML's v1 memory info counts the driver's own reservation as used (615 MiB on an idle
+    # H200): the probe reads v2, which nvidia-smi shows. Within 64 MiB: the GPU may be in use.
+    probe = NvmlProbe()
+    gpus = probe.snapshot()
+    probe.close()
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,memory.total,memory.used",
+         "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    smi = {int(i): (int(t), int(u)) for i, t, u in (line.split(",") for line in out.splitlines())}
+    for gpu in gpus:
+        total, used = smi[gpu.index]
+        assert gpu.memory_total_mb == total
+        assert abs(gpu.memory_used_mb - used) <= 64, (gpu, used)
 
 
 # --- GPUtil with a fake nvidia-smi ---------------------------------------------------------------
