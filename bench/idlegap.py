@@ -266,8 +266,9 @@ NOTES = [
     "than the floor's: on 2 cores shared with other processes, whatever runs beside a job's "
     "interpreter start-up (the scheduler finishing its pass, tmux's `pipe-pane` logger, the "
     "job's output reader threads) delays it, while the floor and the peers run nothing beside "
-    "it. On an idle machine that part should mostly go (not verified: this machine was "
-    "shared throughout); on a busy one it is most of the gap above the floor.",
+    "it. On a quiet 16-core machine (docs/gpu.md) the overhead was +9 and +20 ms with `tmux` "
+    "and +6 and +12 ms with `direct` in two runs, the peers' between −12 and +9 ms: less "
+    "CPU contention shrinks it, and run-to-run noise there is about 10 ms.",
 ]
 DIRECT_MISSED = (
     " The 5 ms target for `direct` is tighter than what the record, the wake-up, a Python "
