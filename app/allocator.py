@@ -44,6 +44,11 @@ fits in the available RAM minus those reservations and, with `max_ram`, unless u
 ram_mb stays within max_ram × total. `max_workers` caps our running jobs (those running plus those
 placed in this call). A job waiting for RAM or for a worker slot holds no GPUs.
 
+Holds: a job blocked by GPUs that has waited `starvation_s` gets the GPUs it will use held (no
+later job may take them), unless one of the GPUs it could use is already held for an earlier
+job: one hold at a time on any GPU. It gets the GPUs whose jobs of ours have run the shortest
+(idle ones first), then the least used.
+
 A job is unschedulable (for good) when no allowed GPU exists, it needs more GPUs than allowed, its
 `vram_mb` is above every allowed GPU's total, its expected memory is above `max_vram` of every
 allowed GPU, or its `ram_mb` is above the host's total RAM or `max_ram` of it. Policy-wide limits

@@ -40,6 +40,8 @@ class Ledger:
         self.ram_changed = 0  # version of the last change to reserved RAM
         self.workers = len({job.id for job in running})
         self.ram_reserved = 0.0  # declared RAM of ramping jobs
+        # GPU -> start of the longest-running of our jobs on it (absent: none of ours runs there)
+        self.oldest_start: dict[int, float] = {}
         self._allowed: dict[tuple[int, ...] | None, tuple[int, ...]] = {}
         self._holds: dict[tuple[tuple[int, ...], int], int] = {}  # (cands, n) -> version seen
         self._problems: dict[tuple[tuple[float, int, int | None], int], tuple[int, str | None]] = {}
@@ -51,6 +53,7 @@ class Ledger:
             for g in set(job.gpus):
                 if g in self.gpus:
                     self.gpus[g].add(job.share, job.vram_mb, ramping)
+                    self.oldest_start[g] = min(self.oldest_start.get(g, now), job.started_at)
 
     def place(
         self, gpus: tuple[int, ...], need: Need, share: float, ramp_up_s: float | None
@@ -131,15 +134,24 @@ class Ledger:
         seen = self._holds.get((cands, n))
         if seen is not None and self.unchanged(cands, seen):
             return ()
+        # One hold at a time on any GPU: a later starving job waits until the earlier one has
+        # started before it holds GPUs that job could use. Holding for every starving job at
+        # once would idle most of a busy machine (on a long queue every job starves).
+        if any(g in self.held for g in cands):
+            return ()
         free = [g for g in cands if g not in self.paused]
         if len(free) < n:
             return ()  # it needs a paused GPU back first: holding the rest would only idle them
-        # Least used = first to drain (and, for one GPU, the most free share).
-        mode = self.mode
-        chosen = sorted(free, key=lambda g: (round(self.gpus[g].fill(mode), 9), g))[:n]
+        # First to drain, as far as can be told without run times: the GPUs whose jobs of ours
+        # have run the shortest (an idle GPU first). With heavy-tailed run times (a few long
+        # trainings among many short runs) a job that has run for hours likely runs for hours
+        # more, so a GPU held behind it would idle the longest. Then the least used.
+        mode, oldest, now = self.mode, self.oldest_start, self.now
+        chosen = sorted(
+            free, key=lambda g: (-oldest.get(g, now), round(self.gpus[g].fill(mode), 9), g)
+        )[:n]
         label = f"job {job.id} (waiting {self.now - job.waiting_since:.0f}s)"
-        # A GPU already held for an earlier starving job stays theirs: it frees for them first.
-        new = tuple(sorted(g for g in chosen if g not in self.held))
+        new = tuple(sorted(chosen))
         for g in new:
             self.held[g] = label
         if new:

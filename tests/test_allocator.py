@@ -329,6 +329,28 @@ def test_holds_accumulate() -> None:
     )
 
 
+def test_one_hold_at_a_time_on_a_gpu() -> None:
+    # Both starve and either could use any GPU: the first holds one, the second waits its turn
+    # (holding for every starving job of a long queue would idle the whole machine).
+    gpus = [gpu(0), gpu(1)]
+    running = [rjob(1, (0,), 0.5), rjob(2, (1,), 0.5)]
+    queue = [qjob(3, 1, priority=0, waiting=500), qjob(4, 1, priority=0, waiting=400)]
+    result = run(queue, gpus, running)
+    assert result.reasons[3].endswith("held for it")
+    assert "held for it" not in result.reasons[4]
+    assert "held for job 3 (waiting 500s)" in result.reasons[4]
+
+
+def test_hold_takes_the_gpus_whose_jobs_have_run_the_shortest() -> None:
+    # Without run times, a job that has run for hours is the likeliest to run for hours more.
+    gpus = [gpu(0), gpu(1), gpu(2)]
+    running = [rjob(1, (0,), 0.25, age=36000), rjob(2, (1,), 0.5, age=60), rjob(3, (2,), 0.25)]
+    queue = [qjob(4, 1, priority=0, waiting=400), qjob(5, 0.25, priority=1)]
+    result = run(queue, gpus, running)
+    assert result.reasons[4].endswith("; GPU 1 held for it")
+    assert placed(result) == {5: (0,)}  # the fullest GPU that is not held: best fit
+
+
 # --- probe failure -----------------------------------------------------------------------------
 
 

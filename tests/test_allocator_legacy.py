@@ -5,7 +5,8 @@ RAM, max_workers and the limits arrived (share mode only). The property tests ch
 allocator with a default `Policy()` (and with the new knobs set to values that change nothing) gives
 the same AllocationResult on random machines and queues, down to every reason's text, and that
 exclusive mode is share mode with every fractional job counted as a whole GPU.
-If share mode is changed on purpose, change or drop this file with it.
+If share mode is changed on purpose, change or drop this file with it: holds were (one hold at a
+time on any GPU, the GPUs whose jobs have run the shortest first), and the copy's `hold` with them.
 """
 
 from __future__ import annotations
@@ -110,10 +111,12 @@ class _Ledger:
         self.held: dict[int, str] = {}  # GPU -> "job N (waiting Ns)"
         self.version = 0  # bumped on every change, so cached answers know when they are stale
         self._allowed: dict[tuple[int, ...] | None, tuple[int, ...]] = {}
+        self.oldest_start: dict[int, float] = {}
         for job in running:
             for g in set(job.gpus):
                 if g in self.gpus:
                     self._add(g, job.share, job.vram_mb, now - job.started_at < policy.ramp_up_s)
+                    self.oldest_start[g] = min(self.oldest_start.get(g, now), job.started_at)
 
     def _add(self, g: int, share: float, vram_mb: int | None, ramping: bool) -> None:
         gpu = self.gpus[g]
@@ -187,15 +190,23 @@ class _Ledger:
 
     def hold(self, job: QueuedJob, cands: tuple[int, ...]) -> tuple[int, ...]:
         """Hold the GPUs a starving job will use once they free up; returns the newly held ones."""
+        if any(g in self.held for g in cands):
+            return ()  # one hold at a time on any GPU
         free = [g for g in cands if g not in self.paused]
         n = job.requirement.gpu_count
         if len(free) < n:
             return ()  # it needs a paused GPU back first: holding the rest would only idle them
-        # Least share used = first to drain (and, for one GPU, the most free share).
-        chosen = sorted(free, key=lambda g: (round(self.gpus[g].share, 9), g))[:n]
+        # The GPUs whose jobs have run the shortest first (idle ones first), then the least used.
+        chosen = sorted(
+            free,
+            key=lambda g: (
+                -self.oldest_start.get(g, self.now),
+                round(self.gpus[g].share, 9),
+                g,
+            ),
+        )[:n]
         label = f"job {job.id} (waiting {self.now - job.waiting_since:.0f}s)"
-        # A GPU already held for an earlier starving job stays theirs: it frees for them first.
-        new = tuple(sorted(g for g in chosen if g not in self.held))
+        new = tuple(sorted(chosen))
         for g in new:
             self.held[g] = label
         if new:
