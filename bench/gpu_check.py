@@ -53,8 +53,6 @@ p.add_argument("--out"); p.add_argument("--llm"); p.add_argument("--cuda")
 p.add_argument("--gb", type=float, default=1.0); p.add_argument("--seconds", type=float, default=5)
 p.add_argument("--ignore-term", action="store_true")
 a = p.parse_args()
-if a.ignore_term:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 rec = {"argv": sys.argv[1:], "cuda_arg": a.cuda, "pid": os.getpid(), "start": t0,
        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
        "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER"),
@@ -66,6 +64,11 @@ def save():
         json.dump(rec, f)
     os.replace(tmp, a.out)
 save()
+if a.ignore_term:  # note the SIGTERM and go on: only SIGKILL ends this job
+    def noted(signum, frame):
+        rec["sigterm_at"] = time.time()
+        save()
+    signal.signal(signal.SIGTERM, noted)
 fake = os.environ.get("GPU_CHECK_FAKE") == "1"
 if fake:  # no GPU: pretend, so that the orchestration can be tested anywhere
     if a.gb > 1000:
@@ -344,7 +347,7 @@ def foreign_holds_memory(
     c.line("half_b", 0, "half", gb * 0.3, 25 * seconds)
     c.line("whole", 1, "whole", gb * 0.5, 8 * seconds)
     c.line("oom", 2, "half", 5000 if c.fake else gb * 4, 5 * seconds)
-    c.line("stubborn", 3, "whole", gb * 0.4, 600)
+    c.line("stubborn", 3, "whole", gb * 0.4, 600, "--ignore-term")
     steps["all wait while others hold memory"] = c.wait(
         "5 jobs pending, memory-threshold reason", all_pending_for_memory, 30
     )

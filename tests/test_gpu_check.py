@@ -40,4 +40,7 @@ def test_gpu_check_scenario_passes_on_simulated_gpus(tmp_path: Path) -> None:
     assert a["start"] < b["end"] and b["start"] < a["end"]
     # The whole-GPU job started only after both halves had ended.
     assert records["whole"]["start"] >= max(a["end"], b["end"])
-    assert "end" not in records["stubborn"]  # killed, never reached its end
+    # It got SIGTERM, ignored it, and was still killed (SIGKILL), never reaching its end.
+    stubborn = records["stubborn"]
+    assert "--ignore-term" in stubborn["argv"]
+    assert "sigterm_at" in stubborn and "end" not in stubborn
