@@ -213,11 +213,23 @@ def db_jobs(db: Path) -> list[dict[str, object]]:
 class Scheduler:
     """`python -m app start` on fake GPUs (a private tmux socket), in its own directory."""
 
-    def __init__(self, root: Path, gpus: int, env: dict[str, str], runner: str = "tmux") -> None:
+    def __init__(
+        self,
+        root: Path,
+        gpus: int,
+        env: dict[str, str],
+        runner: str = "tmux",
+        backend: str = "fake",
+        extra: Sequence[str] = (),
+    ) -> None:
+        """`gpus` fake GPUs (with `backend` "fake"); `extra` flags go after the bench's own,
+        so they win (e.g. another `--ramp-up`)."""
         from app.gpus.fake import write_fake_gpus
 
         self.root = root
         self.runner = runner
+        self.backend = backend
+        self.extra = tuple(extra)
         self.socket = f"gpusched_bench_{uuid.uuid4().hex[:10]}"
         self.env = dict(env)
         if runner == "screen":  # a private socket directory: the user's sessions stay apart
@@ -226,7 +238,8 @@ class Scheduler:
         # The jobs file and the model config in a folder of their own: the scheduler watches
         # it, and its own output (scheduler.out) or the GPU file need not wake it up.
         (root / "in").mkdir(parents=True)
-        write_fake_gpus(root / "gpus.json", gpus)
+        if backend == "fake":
+            write_fake_gpus(root / "gpus.json", gpus)
         self.llm_config = root / "in" / "llm_config.json"
         self.llm_config.write_text(json.dumps({"default_requirement": 1.0}))
         self.jobs_file = root / "in" / "jobs.txt"
@@ -240,9 +253,10 @@ class Scheduler:
                 [sys.executable, "-m", "app", "start",
                  "--jobs-file", str(self.jobs_file),
                  "--llm-config", str(self.llm_config),
-                 "--state-dir", str(self.root / "state"),
-                 "--gpu-backend", "fake", "--fake-gpus", str(self.root / "gpus.json"),
-                 "--runner", self.runner, "--tmux-socket", self.socket, "--ramp-up", "0"],
+                 "--state-dir", str(self.root / "state"), "--gpu-backend", self.backend,
+                 *(["--fake-gpus", str(self.root / "gpus.json")] if self.backend == "fake" else []),
+                 "--runner", self.runner, "--tmux-socket", self.socket, "--ramp-up", "0",
+                 *self.extra],
                 cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 

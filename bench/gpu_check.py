@@ -27,22 +27,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # The job every step runs: records what it was given, allocates, computes, records again.
 JOB = r"""
@@ -162,63 +160,39 @@ class Check:
     """The scheduler under test, its workspace, and the timeline it is sampled into."""
 
     def __init__(self, root: Path, runner: str, backend: str) -> None:
+        from benchlib import Scheduler, bench_env
+
         self.root = root
-        self.runner = runner
-        self.backend = backend
         self.fake = backend == "fake"
-        self.socket = f"gpu_check_{uuid.uuid4().hex[:8]}"
+        env, _ = bench_env(REPO)
+        if self.fake:
+            env["GPU_CHECK_FAKE"] = "1"
+        self.env = env
+        # GPU 0 only, a ramp-up that covers PyTorch's start-up, and the workspace in /tmp.
+        extra = ["--no-strict-modes", "--gpu-ids", "0", "--ramp-up", "20"]
+        self.sched = Scheduler(root, 1, env, runner, backend, extra)
         self.state = root / "state"
-        (root / "in").mkdir(parents=True)
-        self.jobs_file = root / "in" / "jobs.txt"
-        self.jobs_file.write_text("# priority,script_path,conda_env,arguments,allowed_gpus\n")
-        self.llm = root / "in" / "llm_config.json"
-        self.llm.write_text(json.dumps({"default_requirement": 1.0,
-                                        "models": {"half": 0.5, "whole": 1.0}}))  # fmt: skip
+        self.jobs_file = self.sched.jobs_file
+        self.sched.llm_config.write_text(
+            json.dumps({"default_requirement": 1.0, "models": {"half": 0.5, "whole": 1.0}})
+        )
+        self.gpus_file: Path | None = root / "gpus.json" if self.fake else None
         self.job = root / "job.py"
         self.job.write_text(JOB)
-        self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
-        self.env.pop("CUDA_VISIBLE_DEVICES", None)
-        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), self.env.get("PYTHONPATH")) if p
-        )
-        if self.fake:
-            from app.gpus.fake import write_fake_gpus
-
-            self.env["GPU_CHECK_FAKE"] = "1"
-            self.gpus_file: Path | None = root / "gpus.json"
-            write_fake_gpus(self.gpus_file, 1)
-        else:
-            self.gpus_file = None
         self.timeline: list[dict[str, Any]] = []
         self.marks: list[dict[str, Any]] = []
-        self.proc: subprocess.Popen[bytes] | None = None
         self.t0 = time.time()
 
     # ---- the scheduler -----------------------------------------------------------------------
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "app", "start", "--no-strict-modes",
-                "--jobs-file", str(self.jobs_file), "--llm-config", str(self.llm),
-                "--state-dir", str(self.state), "--runner", self.runner,
-                "--tmux-socket", self.socket, "--gpu-ids", "0", "--ramp-up", "20",
-                "--gpu-backend", self.backend]  # fmt: skip
-        if self.gpus_file is not None:
-            argv += ["--fake-gpus", str(self.gpus_file)]
-        with (self.root / "scheduler.out").open("ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=self.root, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+        self.sched.start()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        with contextlib.suppress(Exception):
-            subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True,
-                           timeout=10, check=False)  # fmt: skip
+        self.sched.stop()
+
+    def check_alive(self) -> None:
+        self.sched.check_alive()
 
     def cli(self, *args: str) -> str:
         argv = [sys.executable, "-m", "app", *args, "--state-dir", str(self.state)]
@@ -276,11 +250,6 @@ class Check:
             time.sleep(0.25)
         self.mark(f"TIMEOUT: {what}")
         return False
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            tail = (self.root / "scheduler.out").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"scheduler exited with {self.proc.returncode}:\n{tail}")
 
     def set_fake_used(self, mb: int) -> None:
         if self.gpus_file is not None:
