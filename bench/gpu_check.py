@@ -260,6 +260,12 @@ class Check:
             tmp.replace(self.gpus_file)
 
 
+def used_mb(st: dict[str, Any]) -> int | None:
+    """GPU 0's used memory in a `status --json` (None before the first probe)."""
+    value = (st.get("gpus") or [{}])[0].get("memory_used_mb")
+    return None if value is None else int(value)
+
+
 def jobs_of(st: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(j["id"]): j for j in st.get("jobs", [])}
 
@@ -383,7 +389,7 @@ def kill_stubborn(c: Check, results: dict[str, Any], steps: dict[str, bool]) -> 
         # NVML's used memory falls back once the process has gone (the probe polls each second).
         steps["its memory seen freed"] = c.wait(
             "GPU 0 memory back under 5 GB",
-            lambda st: ((st.get("gpus") or [{}])[0].get("memory_used_mb") or 1e9) < 5 * 1024,
+            lambda st: used_mb(st) is not None and used_mb(st) < 5 * 1024,
             30,
         )
 
