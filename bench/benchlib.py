@@ -409,7 +409,7 @@ task-spooler (Debian's `task-spooler`, command `tsp`), all in the same run:
 Reproduce everything with one command (2 cores and no GPU are enough: GPUs are simulated with
 `--gpu-backend fake`, tmux and screen run on private sockets):
 
-    python bench/run.py            # about 8 minutes on 2 cores; --quick: about 3
+    python bench/run.py            # 5-8 minutes on 2 cores; --quick: about 3
 
 It installs the peers first when they are missing (`pip install --target` into
 `~/.cache/gpusched-bench` for simple_gpu_scheduler, `apt-get install task-spooler` as root or

@@ -33,7 +33,8 @@ STEPS: dict[str, tuple[str, list[str], list[str], list[str]]] = {
     "latency": ("latency.py", ["--runs", "30"], ["--runs", "10"], ["--runs", "2"]),
     "idlegap": (
         "idlegap.py",
-        ["--chain", "20", "--rounds", "3"],
+        # 234 gaps per tool: shorter runs moved the overheads by 10-20 ms from run to run.
+        ["--chain", "40", "--rounds", "6"],
         ["--chain", "10", "--rounds", "2"],
         ["--chain", "3", "--rounds", "1"],
     ),
