@@ -170,6 +170,12 @@ def settings_parent() -> argparse.ArgumentParser:
     )
     flag("--retries", type=int, metavar="N", help="queue a failed job again up to N times (0)")
     flag("--retry-wait", type=float, help="base wait before an automatic retry, doubling, s (30)")
+    flag(
+        "--kill-grace",
+        type=float,
+        metavar="SECONDS",
+        help="a killed job's time between SIGTERM and SIGKILL, e.g. to save a checkpoint (5)",
+    )
     return parent
 
 

@@ -55,7 +55,8 @@ def make_runner(settings: Settings, echo: bool = True) -> tuple[Runner, str]:
         screendir = os.environ.get("SCREENDIR") or None  # private sockets, e.g. in tests
         return ScreenRunner(screendir), f"screen:{screendir or ''}"
     if settings.runner == "direct":
-        return DirectRunner(stdout_echo if echo else None), f"direct:{os.getpid()}"
+        runner = DirectRunner(stdout_echo if echo else None, grace_s=settings.kill_grace)
+        return runner, f"direct:{os.getpid()}"
     return TmuxRunner(settings.tmux_socket), runner_id_for(settings.tmux_socket)
 
 
@@ -164,6 +165,16 @@ def get_job(store: Store, job_id: int) -> Job:
     return job
 
 
+def kill_grace(store: Store) -> float:
+    """The `kill_grace` of the scheduler that last ran on this state (the default before)."""
+    raw = store.meta("kill_grace")
+    try:
+        grace = float(raw) if raw is not None else Settings.kill_grace
+    except ValueError:
+        return Settings.kill_grace
+    return grace if check_field("kill_grace", grace) is None else Settings.kill_grace
+
+
 def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
     """Pending: removed from the queue. Running: its whole process tree is killed."""
     job = get_job(store, job_id)
@@ -178,12 +189,13 @@ def kill_job(store: Store, paths: StatePaths, job_id: int) -> str:
         job_id, JobState.KILLED, when=[job.status], now=now, detail=detail, ended_at=now, reason=""
     ):
         raise ActionError(f"job {job_id} already ended ({get_job(store, job_id).status})")
+    grace = kill_grace(store)
     if job.status == JobState.RUNNING and (job.runner or "").startswith("direct:"):
         if job.pid:  # a child of the scheduler process: reached by its pid
-            kill_orphan(job.pid, paths.run_spec(job_id))
+            kill_orphan(job.pid, paths.run_spec(job_id), grace_s=grace)
         paths.exit_file(job_id).unlink(missing_ok=True)
     elif job.status == JobState.RUNNING and job.session:
-        runner_for(job.runner or runner_id_for(None)).kill(job.session)
+        runner_for(job.runner or runner_id_for(None)).kill(job.session, grace_s=grace)
         paths.exit_file(job_id).unlink(missing_ok=True)
     wake_scheduler(paths)
     return (

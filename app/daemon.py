@@ -77,7 +77,7 @@ class Daemon:
         self.spool = Spool(settings.spool_dir, store) if settings.spool_dir else None
         self.gate = trust.Gate(settings.strict_modes)  # inputs others can change are not read
         self.llm = trust.GuardedLlmConfig(settings.llm_config.resolve(), self.gate)
-        self.reaper = Reaper(store, paths, runner, runner_for, runner_id)
+        self.reaper = Reaper(store, paths, runner, runner_for, runner_id, settings.kill_grace)
         self.limits = RunLimits(settings, store, paths, runner, runner_id, runner_for)
         self.reaper.on_failure = self.limits.after_failure  # retries, OOM requeues
         self.wake = threading.Event()

@@ -4,7 +4,7 @@
   setting): `RunLimits.enforce`, called once per scheduler pass, records a running job past
   `started_at + limit` as `killed` (reason `time limit 2h exceeded`) *before* stopping it, as
   `gpusched kill` does, so its GPUs are free for the same pass; its whole process tree is then
-  stopped (SIGTERM, SIGKILL after a grace period) in a background thread, so the scheduler
+  stopped (SIGTERM, SIGKILL after `kill_grace` seconds) in a background thread, so the scheduler
   never waits for the grace period.
 * **Retries** (`--gpusched-retries N`, a header's `retries`, else the `retries` setting): the
   reaper hands every non-zero exit to `RunLimits.after_failure`, which puts the job back in
@@ -41,8 +41,6 @@ from app.store import Store
 
 log = logging.getLogger("gpusched")
 
-#: Seconds a time-limited job gets between SIGTERM and SIGKILL.
-KILL_GRACE_S = 5.0
 #: The longest wait before an automatic retry, however many retries came before.
 RETRY_WAIT_CAP_S = 3600.0
 #: How much of the end of a job's log is searched for a CUDA out-of-memory error.
@@ -170,16 +168,17 @@ class RunLimits:
         return killed
 
     def _stop(self, job: Job) -> None:
-        """Kill the job's whole process tree (blocks up to about KILL_GRACE_S)."""
+        """Kill the job's whole process tree (blocks up to about the `kill_grace` setting)."""
         runner_id = job.runner or self.runner_id
+        grace = self.settings.kill_grace
         try:
             if runner_id == self.runner_id and job.session:
-                self.runner.kill(job.session, grace_s=KILL_GRACE_S)
+                self.runner.kill(job.session, grace_s=grace)
             elif runner_id.startswith("direct:"):  # a child of an earlier scheduler
                 if job.pid:
-                    kill_orphan(job.pid, self.paths.run_spec(job.id), grace_s=KILL_GRACE_S)
+                    kill_orphan(job.pid, self.paths.run_spec(job.id), grace_s=grace)
             elif self.runner_for is not None and job.session:
-                self.runner_for(runner_id).kill(job.session, grace_s=KILL_GRACE_S)
+                self.runner_for(runner_id).kill(job.session, grace_s=grace)
         except Exception:  # a thread of its own: nobody else would hear of it
             log.exception("job %d: stopping it after its time limit failed", job.id)
         self.paths.exit_file(job.id).unlink(missing_ok=True)  # its end is already recorded
@@ -193,7 +192,7 @@ class RunLimits:
     def close(self) -> None:
         """Wait for the kills in progress (the scheduler is stopping)."""
         for thread in self._threads:
-            thread.join(KILL_GRACE_S + 5.0)
+            thread.join(self.settings.kill_grace + 5.0)
         self._threads = []
 
     # ---- failed runs -----------------------------------------------------------------------

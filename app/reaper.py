@@ -53,8 +53,10 @@ class Reaper:
         runner: Runner,
         runner_for: Callable[[str], Runner] | None = None,
         runner_id: str = "",
+        kill_grace: float = 5.0,
     ) -> None:
         self.store = store
+        self.kill_grace = kill_grace  # SIGTERM -> SIGKILL, for a killed job's leftover session
         self.paths = paths
         self.runner = runner
         self.runner_id = runner_id
@@ -107,7 +109,7 @@ class Reaper:
                 self.runner.remove(name)
             elif job.status == JobState.KILLED:
                 log.info("job %d was killed: stopping its leftover session %s", job.id, name)
-                self.runner.kill(name)
+                self.runner.kill(name, grace_s=self.kill_grace)
 
     def _session_state(
         self, job: Job, cache: dict[str, dict[str, SessionState]]

@@ -82,6 +82,8 @@ def serve(
                 "llm_config": str(daemon.llm.path),
                 "backend": settings.gpu_backend,
                 "runner": daemon.runner_id,
+                # `gpusched kill` and the dashboard run in other processes: they use this one.
+                "kill_grace": repr(settings.kill_grace),
             }
         )
         if threading.current_thread() is threading.main_thread():

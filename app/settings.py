@@ -106,6 +106,9 @@ class Settings:
     """Times a failed job is queued again automatically, unless it sets its own."""
     retry_wait: float = 30.0
     """Base wait (s) before an automatic retry; doubles with each retry of the same job."""
+    kill_grace: float = 5.0
+    """Seconds a killed job's processes get between SIGTERM and SIGKILL (time limits,
+    `gpusched kill`, the dashboard): room to save a checkpoint."""
 
     def policy(self) -> Policy:
         return Policy(
@@ -150,8 +153,9 @@ _POSITIVE += ("probe_timeout", "tick_interval", "time_limit")
 #: Longest interval or timeout: a year (threading's waits overflow long before 1e300 s).
 MAX_INTERVAL_S = 365 * 86400.0
 _WAITS: tuple[str, ...] = ("monitor_interval", "state_interval", "assign_retry_wait")
-_WAITS += ("probe_timeout", "tick_interval")
-_NON_NEGATIVE = ("ramp_up", "starvation_timeout", "min_free_mem_mb", "retries", "retry_wait")
+_WAITS += ("probe_timeout", "tick_interval", "kill_grace")
+_NON_NEGATIVE: tuple[str, ...] = ("ramp_up", "starvation_timeout", "min_free_mem_mb", "retries")
+_NON_NEGATIVE += ("retry_wait", "kill_grace")
 _AT_LEAST_ONE = ("max_assign_attempts", "gpus", "max_workers")
 _CHOICES = {"gpu_backend": GPU_BACKENDS, "runner": RUNNERS, "mode": MODES}
 _CHOICES["placement"] = PLACEMENTS

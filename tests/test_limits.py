@@ -100,10 +100,11 @@ def test_time_limit_kills_the_tree_frees_the_gpu_and_is_not_retried(
 
 
 def test_time_limit_sigkills_a_tree_that_ignores_sigterm_direct_runner(
-    tmp_path: Path, tmux_socket: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tmux_socket: str
 ) -> None:
-    monkeypatch.setattr(limits, "KILL_GRACE_S", 0.5)
-    ws = make_workspace(tmp_path, tmux_socket, gpus=1, runner="direct", time_limit=1.0)
+    ws = make_workspace(
+        tmp_path, tmux_socket, gpus=1, runner="direct", time_limit=1.0, kill_grace=0.5
+    )
     line, pid_file = _tree_job(ws, "s", "--stubborn")
     ws.append(line, ws.job_line("--sleep 60 --gpusched-time-limit 1h --llm half"))
     try:
@@ -293,3 +294,34 @@ def test_database_from_before_run_limits_migrates(tmp_path: Path) -> None:
         assert store.retry(1, 1.0) and store.job(1).status == JobState.PENDING  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+# A job that saves a checkpoint when told to stop: SIGTERM, a second of work, then a marker.
+CHECKPOINT_SCRIPT = """\
+import signal, sys, time
+def save(signum, frame):
+    time.sleep(1.0)
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+open(sys.argv[1] + ".started", "w").close()
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize(("grace", "saved"), [(30.0, True), (0.0, False)])
+def test_kill_gives_the_job_the_schedulers_kill_grace(
+    tmp_path: Path, tmux_socket: str, grace: float, saved: bool
+) -> None:
+    # `gpusched kill` runs in another process: it takes the grace the scheduler recorded.
+    ws = make_workspace(tmp_path, tmux_socket, gpus=1, kill_grace=grace)
+    script = ws.root / "checkpoint.py"
+    script.write_text(CHECKPOINT_SCRIPT)
+    marker = ws.root / "checkpoint"
+    with serving(ws) as store:
+        wait_until(lambda: store.meta("kill_grace") == repr(grace))
+        ws.append(f"0,{script},,{marker},")
+        wait_until(Path(f"{marker}.started").exists, timeout=20)
+        control.kill_job(store, ws.paths, 1)
+        assert job_status(store, 1) == JobState.KILLED
+    assert marker.exists() is saved  # a grace of 0 is SIGKILL at once: no time to save
