@@ -167,9 +167,8 @@ def get_job(store: Store, job_id: int) -> Job:
 
 def kill_grace(store: Store) -> float:
     """The `kill_grace` of the scheduler that last ran on this state (the default before)."""
-    raw = store.meta("kill_grace")
     try:
-        grace = float(raw) if raw is not None else Settings.kill_grace
+        grace = float(store.meta("kill_grace") or "")  # none recorded: "" is not a number
     except ValueError:
         return Settings.kill_grace
     return grace if check_field("kill_grace", grace) is None else Settings.kill_grace

@@ -211,7 +211,8 @@ def db_jobs(db: Path) -> list[dict[str, object]]:
 
 
 class Scheduler:
-    """`python -m app start` on fake GPUs (a private tmux socket), in its own directory."""
+    """`python -m app start` (fake GPUs unless told another backend; a private tmux socket),
+    in its own directory."""
 
     def __init__(
         self,

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,13 +123,15 @@ def sh(argv: list[str], timeout: float = 60, env: dict[str, str] | None = None) 
 
 
 def median_ms(fn: Callable[[], object], n: int) -> dict[str, float]:
+    from benchlib import stats_ms
+
     times = []
     for _ in range(n):
         t = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return {"n": n, "median_ms": statistics.median(times), "max_ms": times[-1]}
+        times.append(time.perf_counter() - t)
+    stats = stats_ms(times)
+    return {"n": n, "median_ms": stats.median, "max_ms": stats.high}
 
 
 def check_probes(backend: str, fake_file: Path | None) -> dict[str, Any]:
@@ -168,7 +169,7 @@ class Check:
         if self.fake:
             env["GPU_CHECK_FAKE"] = "1"
         self.env = env
-        # GPU 0 only, a ramp-up that covers PyTorch's start-up, and the workspace in /tmp.
+        # GPU 0 only, and a ramp-up that covers PyTorch's start-up (about 5 s on the H200).
         extra = ["--no-strict-modes", "--gpu-ids", "0", "--ramp-up", "20"]
         self.sched = Scheduler(root, 1, env, runner, backend, extra)
         self.state = root / "state"
@@ -225,7 +226,7 @@ class Check:
 
     def sample(self) -> dict[str, Any]:
         st = self.status()
-        gpu = (st.get("gpus") or [{}])[0]
+        gpu = gpu0(st)
         row = {
             "t": round(time.time() - self.t0, 3),
             "used_mb": gpu.get("memory_used_mb"),
@@ -260,9 +261,14 @@ class Check:
             tmp.replace(self.gpus_file)
 
 
+def gpu0(st: dict[str, Any]) -> dict[str, Any]:
+    """GPU 0 in a `status --json` ({} before the first probe)."""
+    return dict((st.get("gpus") or [{}])[0])
+
+
 def used_mb(st: dict[str, Any]) -> int | None:
     """GPU 0's used memory in a `status --json` (None before the first probe)."""
-    value = (st.get("gpus") or [{}])[0].get("memory_used_mb")
+    value = gpu0(st).get("memory_used_mb")
     return None if value is None else int(value)
 
 
@@ -348,7 +354,7 @@ def foreign_holds_memory(
         120,
     )
     st = c.status()
-    results["while_halves_run"] = {"gpu": (st.get("gpus") or [{}])[0], "whole": jobs_of(st).get(3)}
+    results["while_halves_run"] = {"gpu": gpu0(st), "whole": jobs_of(st).get(3)}
     steps["whole job waits for the halves"] = status_is(3, "pending")(st)
     steps["whole job ran after both halves"] = c.wait(
         "job 3 completed", status_is(3, "completed"), 180
@@ -368,7 +374,7 @@ def kill_stubborn(c: Check, results: dict[str, Any], steps: dict[str, bool]) -> 
         "job 5 allocated", lambda st: "allocated_at" in c.record("stubborn"), 180
     )
     before = c.status()
-    results["before_kill_used_mb"] = (before.get("gpus") or [{}])[0].get("memory_used_mb")
+    results["before_kill_used_mb"] = used_mb(before)
     t_kill = time.time()
     results["kill_output"] = c.cli("kill", "5")
     results["kill_cli_s"] = round(time.time() - t_kill, 2)
